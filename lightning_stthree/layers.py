@@ -1,0 +1,94 @@
+"""Which weights ST-3 prunes: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, narrowed by the user.
+
+The paper prunes all of them, the first convolution and the classifier included; biases and normalisation layers are
+never pruned. Users narrow the set with layer type names and glob patterns on module names, both plain strings so that
+they can be written in a LightningCLI YAML.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+# Layer types whose ``weight`` has its output channels on dim 0, which the per-channel rescale relies on.
+PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
+
+
+def validate_include_types(include_types: Sequence[str]) -> tuple[str, ...]:
+    """Check layer type names given by the user; return them as a tuple.
+
+    Raises:
+        TypeError: If ``include_types`` is not a sequence of strings.
+        ValueError: If it is empty or names a type other than those of :data:`PRUNABLE_TYPES`.
+    """
+    if isinstance(include_types, str) or not all(isinstance(name, str) for name in include_types):
+        raise TypeError(f"`include_types` must be a list of layer type names, got {include_types!r}")
+    names = tuple(include_types)
+    if not names:
+        raise ValueError(f"`include_types` must name at least one of {sorted(PRUNABLE_TYPES)}, got an empty list")
+    unknown = [name for name in names if name not in PRUNABLE_TYPES]
+    if unknown:
+        raise ValueError(f"`include_types` has unknown layer types {unknown}; allowed: {sorted(PRUNABLE_TYPES)}")
+    return names
+
+
+def validate_exclude(exclude: Sequence[str]) -> tuple[str, ...]:
+    """Check glob patterns on module names given by the user; return them as a tuple.
+
+    Raises:
+        TypeError: If ``exclude`` is not a sequence of non-empty strings.
+    """
+    if isinstance(exclude, str) or not all(isinstance(p, str) and p for p in exclude):
+        raise TypeError(
+            f"`exclude` must be a list of glob patterns on module names (e.g. ['fc', 'layer4.*']), got {exclude!r}"
+        )
+    return tuple(exclude)
+
+
+def find_prunable_layers(
+    model: nn.Module, include_types: Sequence[str] = tuple(PRUNABLE_TYPES), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """The modules whose ``weight`` ST-3 prunes, by qualified module name, in ``named_modules`` order.
+
+    A module is prunable when it is an instance of one of ``include_types`` (subclasses included), has a ``weight``
+    (parametrized or not), and its name matches none of the ``exclude`` glob patterns (``fnmatch`` syntax, e.g.
+    ``"fc"``, ``"layer4.*"``, ``"*.downsample.0"``).
+
+    Args:
+        model: The model to search.
+        include_types: Names from :data:`PRUNABLE_TYPES`.
+        exclude: Glob patterns on module names.
+
+    Returns:
+        ``{module name: module}``.
+
+    Raises:
+        ValueError: If a pattern of ``exclude`` matches none of the layers of ``include_types``; the message lists
+            the layers it could have matched.
+    """
+    types = tuple(PRUNABLE_TYPES[name] for name in validate_include_types(include_types))
+    patterns = validate_exclude(exclude)
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, types) and (parametrize.is_parametrized(module, "weight") or module.weight is not None)
+    }
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in candidates)]
+    if unused:
+        names = list(candidates)
+        shown = names[:20] + ([f"... ({len(names) - 20} more)"] if len(names) > 20 else [])
+        raise ValueError(
+            f"`exclude` patterns {unused} match no prunable layer. Prunable layers are: {shown}. "
+            "Patterns are fnmatch globs on module names, e.g. 'fc' or 'layer4.*'."
+        )
+    return {
+        name: module for name, module in candidates.items() if not any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    }

@@ -1,0 +1,87 @@
+"""Global magnitude-threshold selection of ST-3 (arXiv:2212.01076, Sec. 3.3).
+
+One threshold ``t`` is the k-th smallest pruning score over *all* prunable weights of the model, where ``k`` is the
+scheduled number of pruned weights. Criterion ``"l1"`` (ST-3) scores a weight by ``|w|``; criterion ``"l1_std"``
+(ST-3 sigma) by ``|w| * sqrt(sum(w.shape))``, which normalises by layer size and gives a more uniform sparsity across
+layers. A layer then applies ``t_layer = t / sqrt(sum(w.shape))`` to its raw magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Criterion = Literal["l1", "l1_std"]
+CRITERIA: tuple[str, ...] = ("l1", "l1_std")
+
+
+def layer_score_factor(shape: Sequence[int], criterion: Criterion) -> float:
+    """Factor that turns a layer's magnitudes into pruning scores: ``score = |w| * factor``.
+
+    Args:
+        shape: The weight's shape.
+        criterion: ``"l1"`` (factor 1) or ``"l1_std"`` (factor ``sqrt(sum(shape))``, ST-3 sigma).
+
+    Returns:
+        The factor; a layer's threshold on raw magnitudes is ``t / factor``.
+
+    Raises:
+        ValueError: If ``criterion`` is unknown.
+    """
+    if criterion == "l1":
+        return 1.0
+    if criterion == "l1_std":
+        return math.sqrt(sum(shape))
+    raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}")
+
+
+def pruning_scores(weight: Tensor, criterion: Criterion) -> Tensor:
+    """Flat float32 pruning scores of one weight tensor (``|w| * layer_score_factor``)."""
+    magnitude = weight.detach().abs().flatten().float()
+    factor = layer_score_factor(weight.shape, criterion)
+    return magnitude if factor == 1.0 else magnitude * factor
+
+
+def num_pruned(sparsity: float, num_weights: int) -> int:
+    """Number of weights to prune so that the pruned fraction is ``sparsity`` (rounded to the nearest weight)."""
+    return min(max(round(sparsity * num_weights), 0), num_weights)
+
+
+@torch.no_grad()
+def global_threshold(weights: Sequence[Tensor], sparsity: float, criterion: Criterion = "l1") -> Tensor:
+    """The global threshold ``t`` that prunes a fraction ``sparsity`` of all scores of ``weights``.
+
+    ``t`` is the k-th smallest score over the concatenation of all weights' scores, ``k = num_pruned(sparsity, N)``,
+    found with an O(N) selection (``torch.kthvalue``), not a sort. Pruned are the weights whose score is ``<= t``, so
+    exactly ``k`` weights when scores have no ties. When ``k == 0`` the threshold is ``0``, which leaves every weight
+    unchanged (a threshold taken at k=0 would shift every weight by the smallest magnitude).
+
+    Args:
+        weights: The raw prunable weight tensors (any shapes, same device).
+        sparsity: The fraction of all weights to prune, in ``[0, 1]``.
+        criterion: ``"l1"`` (ST-3) or ``"l1_std"`` (ST-3 sigma).
+
+    Returns:
+        A 0-dim float32 tensor on the weights' device, in score units (divide by ``layer_score_factor`` per layer).
+
+    Raises:
+        ValueError: If ``weights`` is empty or ``sparsity`` is outside ``[0, 1]``.
+
+    Example::
+
+        >>> global_threshold([torch.tensor([0.1, -0.4]), torch.tensor([[0.3, -0.2]])], 0.5)
+        tensor(0.2000)
+    """
+    if len(weights) == 0:
+        raise ValueError("`weights` must hold at least one tensor, got an empty sequence")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity}")
+    scores = torch.cat([pruning_scores(w, criterion) for w in weights])
+    k = num_pruned(sparsity, scores.numel())
+    if k == 0:
+        return torch.zeros((), dtype=torch.float32, device=scores.device)
+    return torch.kthvalue(scores, k).values

@@ -1,0 +1,97 @@
+"""A tiny Lightning model and a quiet Trainer, in the style of Lightning's own pruning tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyNet(pl.LightningModule):
+    """Conv2d + BatchNorm + Linear on 3x8x8 inputs, 10 classes."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.lr = lr
+        self.conv = nn.Conv2d(3, 16, 3)
+        self.norm = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 6 * 6, 10)
+        self.example_input_array = torch.zeros(2, 3, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
+
+
+class ImageClassifier(pl.LightningModule):
+    """Wraps any image classifier (e.g. a torchvision model) for a plain cross-entropy training step."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.01) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def random_loader(
+    num_batches: int, batch_size: int = 8, shape: tuple[int, ...] = (3, 8, 8), num_classes: int = 10, seed: int = 0
+) -> DataLoader:
+    """A fixed (unshuffled) loader of random images and labels."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_batches * batch_size, *shape, generator=generator)
+    y = torch.randint(0, num_classes, (num_batches * batch_size,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def quiet_trainer(tmp_path: Path | None = None, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without progress bar or summary; logs to CSV under ``tmp_path`` when given."""
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": CSVLogger(tmp_path, name="csv", version=0) if tmp_path is not None else False,
+        "log_every_n_steps": 1,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def read_metrics(tmp_path: Path) -> dict[int, dict[str, float]]:
+    """The CSVLogger's metrics, ``{step: {name: value}}``, empty cells dropped."""
+    rows: dict[int, dict[str, float]] = {}
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
+            rows.setdefault(int(row["step"]), {}).update(values)
+    return rows
+
+
+def cubic_reference(step: int, target: float, start: int, end: int, power: float = 3.0) -> float:
+    """The schedule written out independently of the package, for comparison."""
+    if end == start:
+        return target if step >= end else 0.0
+    p = min(max((step - start) / (end - start), 0.0), 1.0)
+    return target * (1 - (1 - p) ** power)

@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_stthree import SoftThresholdParametrization, channel_rescale, effective_weight
+
+W = torch.tensor([[0.5, -0.2, 0.1, -0.05], [0.3, 0.01, -0.4, 0.02]])
+T = torch.tensor(0.15)
+KEEP = torch.tensor([[True, True, False, False], [True, False, True, False]])
+
+
+def _hand_scale() -> torch.Tensor:
+    # r_c = (mean(|w| * m) + 1e-6) / (mean(|w|) + 1e-6), scale_c = 1.01 / (r_c + 0.01), computed by hand per row.
+    r0 = ((0.5 + 0.2) / 4 + 1e-6) / ((0.5 + 0.2 + 0.1 + 0.05) / 4 + 1e-6)
+    r1 = ((0.3 + 0.4) / 4 + 1e-6) / ((0.3 + 0.01 + 0.4 + 0.02) / 4 + 1e-6)
+    return torch.tensor([[1.01 / (r0 + 0.01)], [1.01 / (r1 + 0.01)]])
+
+
+def test_soft_threshold_by_hand() -> None:
+    expected = torch.tensor([[0.35, -0.05, 0.0, 0.0], [0.15, 0.0, -0.25, 0.0]])
+    torch.testing.assert_close(effective_weight(W, T, soft_threshold=True, rescale=False), expected)
+
+
+def test_hard_threshold_by_hand() -> None:
+    expected = torch.tensor([[0.5, -0.2, 0.0, 0.0], [0.3, 0.0, -0.4, 0.0]])
+    assert torch.equal(effective_weight(W, T, soft_threshold=False, rescale=False), expected)
+
+
+def test_rescale_by_hand() -> None:
+    scale = _hand_scale()
+    torch.testing.assert_close(channel_rescale(W, KEEP), scale)
+    soft = torch.tensor([[0.35, -0.05, 0.0, 0.0], [0.15, 0.0, -0.25, 0.0]])
+    torch.testing.assert_close(effective_weight(W, T, soft_threshold=True, rescale=True), soft * scale)
+    hard = torch.tensor([[0.5, -0.2, 0.0, 0.0], [0.3, 0.0, -0.4, 0.0]])
+    torch.testing.assert_close(effective_weight(W, T, soft_threshold=False, rescale=True), hard * scale)
+    assert (scale > 1).all()  # pruning removed magnitude, the scale gives some back
+
+
+def test_rescale_is_per_output_channel_of_a_conv_weight() -> None:
+    w = torch.randn(4, 3, 3, 3)
+    keep = w.abs() > 0.5
+    scale = channel_rescale(w, keep)
+    assert scale.shape == (4, 1, 1, 1)
+    for c in range(4):
+        r = ((w[c].abs() * keep[c]).mean() + 1e-6) / (w[c].abs().mean() + 1e-6)
+        torch.testing.assert_close(scale[c].flatten(), (1.01 / (r + 0.01)).reshape(1))
+
+
+@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_zero_threshold_is_exact_identity(soft_threshold: bool, dtype: torch.dtype) -> None:
+    w = torch.randn(8, 5, 3, dtype=torch.float32).to(dtype)
+    w[0, 0, 0] = 0.0
+    out = effective_weight(w, torch.tensor(0.0), soft_threshold=soft_threshold, rescale=True)
+    assert out.dtype == dtype
+    assert torch.equal(out, w)
+
+
+def test_pruned_entries_are_exactly_zero_at_the_threshold() -> None:
+    w = torch.tensor([[0.15, -0.15, 0.1500001, 0.2]])
+    out = effective_weight(w, torch.tensor(0.15), soft_threshold=True, rescale=True)
+    assert out[0, 0] == 0
+    assert out[0, 1] == 0
+    assert out[0, 2] != 0
+    assert out[0, 3] != 0
+
+
+@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_straight_through_gradient_is_the_upstream_gradient(soft_threshold: bool, rescale: bool) -> None:
+    weight = W.clone().requires_grad_(True)
+    upstream = torch.randn_like(W)
+    param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=True, rescale=rescale)
+    param.threshold.fill_(0.15)
+    out = param(weight)
+    torch.testing.assert_close(out, effective_weight(W, T, soft_threshold, rescale))
+    (out * upstream).sum().backward()
+    assert torch.equal(weight.grad, upstream)  # pruned entries included
+
+
+@pytest.mark.parametrize("soft_threshold", [True, False])
+def test_without_straight_through_gradient_flows_through_kept_weights_only(soft_threshold: bool) -> None:
+    upstream = torch.randn_like(W)
+    for rescale, factor in ((False, torch.ones(2, 1)), (True, _hand_scale())):
+        weight = W.clone().requires_grad_(True)
+        param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=False, rescale=rescale)
+        param.threshold.fill_(0.15)
+        (param(weight) * upstream).sum().backward()
+        torch.testing.assert_close(weight.grad, upstream * KEEP * factor)
+
+
+def test_gmp_switches_give_plain_magnitude_masking() -> None:
+    layer = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    param = SoftThresholdParametrization(soft_threshold=False, straight_through=False, rescale=False)
+    parametrize.register_parametrization(layer, "weight", param)
+    param.threshold.fill_(0.15)
+    assert torch.equal(layer.weight, W * KEEP)
+    x = torch.randn(3, 4)
+    layer(x).sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert torch.equal(grad == 0, ~KEEP.expand_as(grad))
+
+
+def test_parametrization_state_and_repr() -> None:
+    layer = nn.Conv2d(3, 4, 3)
+    parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
+    keys = set(layer.state_dict())
+    assert keys == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.threshold"}
+    assert [n for n, _ in layer.named_parameters()] == ["bias", "parametrizations.weight.original"]
+    assert "soft_threshold=True, straight_through=True, rescale=True" in repr(layer)
