@@ -1,8 +1,15 @@
 """lightning-stthree: sparse training with ST-3 (arXiv:2212.01076) as a PyTorch Lightning callback."""
 
 from lightning_stthree.callback import ST3PruningCallback
+from lightning_stthree.export import load_sparse_weights, make_permanent, sparse_state_dict
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers
-from lightning_stthree.parametrization import SoftThresholdParametrization, channel_rescale, effective_weight
+from lightning_stthree.parametrization import (
+    SoftThresholdParametrization,
+    channel_rescale,
+    effective_weight,
+    register_st3_parametrization,
+    remove_st3_parametrization,
+)
 from lightning_stthree.schedule import cubic_sparsity, resolve_step
 from lightning_stthree.threshold import global_threshold, layer_score_factor, num_pruned, pruning_scores
 
@@ -16,9 +23,14 @@ __all__ = [
     "find_prunable_layers",
     "global_threshold",
     "layer_score_factor",
+    "load_sparse_weights",
+    "make_permanent",
     "num_pruned",
     "pruning_scores",
+    "register_st3_parametrization",
+    "remove_st3_parametrization",
     "resolve_step",
+    "sparse_state_dict",
 ]
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,12 +17,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
+from lightning_stthree.export import make_permanent
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
-from lightning_stthree.parametrization import SoftThresholdParametrization
+from lightning_stthree.parametrization import find_st3_parametrization, raw_weight, register_st3_parametrization
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
 from lightning_stthree.threshold import CRITERIA, Criterion, global_threshold, layer_score_factor
 
@@ -31,6 +33,8 @@ StepSpec = int | float
 
 
 def _check_step_spec(name: str, value: object) -> None:
+    if name == "freeze_at" and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"`{name}` must be an int (optimizer steps) or a float in [0, 1] (fraction of the run), got {value!r}"
@@ -49,19 +53,6 @@ def _check_bool(name: str, value: object) -> None:
         raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
-def _st3_parametrization(module: nn.Module) -> SoftThresholdParametrization | None:
-    """The ST-3 parametrization on ``module.weight``, if there is one."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    found = [p for p in module.parametrizations.weight if isinstance(p, SoftThresholdParametrization)]
-    return found[0] if found else None
-
-
-def _raw_weight(module: nn.Module) -> Tensor:
-    """The raw (unthresholded) weight of a module carrying the ST-3 parametrization."""
-    return module.parametrizations.weight.original
-
-
 class ST3PruningCallback(Callback):
     r"""Sparse training with ST-3: soft threshold, straight-through gradients, one global threshold per step.
 
@@ -78,15 +69,20 @@ class ST3PruningCallback(Callback):
 
     The forward pass uses ``scale * sign(w) * max(|w| - t_layer, 0)``; gradients go straight through to the raw
     weights, so pruned weights can come back. After ``end`` the threshold keeps being recomputed at
-    ``target_sparsity``; once more when training ends, so the model you take home has exactly that sparsity.
+    ``target_sparsity``. It is also brought up to date before each validation during fit, at the end of each training
+    epoch and at the end of training, so what is evaluated, checkpointed and handed back has the scheduled sparsity.
+
+    From ``freeze_at`` on (the paper's fine-tune phase) the threshold is computed one last time, the effective weights
+    are baked into the raw weights and the mask is fixed: pruned weights stay exactly zero whatever the optimizer
+    (momentum, weight decay) does, and only kept weights are trained.
 
     Presets: ST-3 is the default; ST-3 sigma is ``criterion="l1_std"``; plain gradual magnitude pruning (the paper's
     GMP baseline) is ``soft_threshold=False, straight_through=False, rescale=False``.
 
     Logged with ``pl_module.log`` once per optimizer step (so every Lightning logger gets them): ``st3/sparsity``
     (measured fraction of exactly-zero effective weights over all prunable weights, on the progress bar),
-    ``st3/target_sparsity`` (scheduled), ``st3/threshold`` (global, in score units) and, unless
-    ``log_layer_sparsity=False``, ``st3/layer/<module name>/sparsity``.
+    ``st3/target_sparsity`` (the schedule at this step), ``st3/threshold`` (global threshold in use, in score units)
+    and, unless ``log_layer_sparsity=False``, ``st3/layer/<module name>/sparsity``.
 
     Args:
         target_sparsity: Final fraction of pruned weights over all prunable weights, in ``[0, 1)``.
@@ -108,6 +104,10 @@ class ST3PruningCallback(Callback):
         exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
             that matches no prunable layer is an error.
         log_layer_sparsity: Also log each layer's measured sparsity.
+        freeze_at: Optimizer step (``int``) or fraction of the run (``float``) where the fine-tune phase starts
+            (mask frozen); ``None`` (default) never freezes. Must be ``>= end``.
+        make_permanent_at_end: At the end of ``fit``, remove the parametrizations (see
+            :func:`~lightning_stthree.make_permanent`) so the model holds plain layers with sparse weights.
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -136,15 +136,22 @@ class ST3PruningCallback(Callback):
         include_types: list[str] | None = None,
         exclude: list[str] | None = None,
         log_layer_sparsity: bool = True,
+        freeze_at: StepSpec | None = None,
+        make_permanent_at_end: bool = False,
     ) -> None:
         if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
             raise TypeError(f"`target_sparsity` must be a float in [0, 1), got {target_sparsity!r}")
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity}")
-        _check_step_spec("start", start)
-        _check_step_spec("end", end)
+        for name, value in (("start", start), ("end", end), ("freeze_at", freeze_at)):
+            _check_step_spec(name, value)
         if type(start) is type(end) and start > end:
             raise ValueError(f"`start` must be <= `end`, got start={start} and end={end}")
+        if type(freeze_at) is type(end) and freeze_at < end:
+            raise ValueError(
+                f"`freeze_at` must be >= `end` (the mask is frozen once the ramp is done), got freeze_at={freeze_at} "
+                f"and end={end}"
+            )
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 0:
             raise ValueError(f"`power` must be a finite number > 0, got {power!r}")
         if criterion not in CRITERIA:
@@ -154,6 +161,7 @@ class ST3PruningCallback(Callback):
             ("straight_through", straight_through),
             ("rescale", rescale),
             ("log_layer_sparsity", log_layer_sparsity),
+            ("make_permanent_at_end", make_permanent_at_end),
         ):
             _check_bool(name, flag)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
@@ -171,15 +179,19 @@ class ST3PruningCallback(Callback):
         self.include_types = validate_include_types(list(PRUNABLE_TYPES) if include_types is None else include_types)
         self.exclude = validate_exclude([] if exclude is None else exclude)
         self.log_layer_sparsity = log_layer_sparsity
+        self.freeze_at = freeze_at
+        self.make_permanent_at_end = make_permanent_at_end
 
         # Run state: plain Python, saved in checkpoints (see `state_dict`).
-        self.sparsity = 0.0  # scheduled sparsity at the last update
+        self.sparsity = 0.0  # scheduled sparsity at the last threshold update
         self.threshold = 0.0  # global threshold at the last update, in score units
         self.last_update_step = -1
         # Derived at setup / train start, not saved.
         self._layers: dict[str, nn.Module] = {}
         self._start_step: int | None = None
         self._end_step: int | None = None
+        self._freeze_step: int | None = None
+        self._frozen_masks: dict[str, Tensor] = {}  # fine-tune phase: which weights are kept, by layer
         self._last_logged_step = -1
 
     @property
@@ -197,28 +209,37 @@ class ST3PruningCallback(Callback):
         """The modules this callback prunes, by module name (empty before setup)."""
         return dict(self._layers)
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the fine-tune phase (fixed mask) has started."""
+        return bool(self._frozen_masks)
+
     # ------------------------------------------------------------------ hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
-        if is_overridden("configure_model", pl_module):
-            # Layers built in `configure_model` exist only after it; attach before the checkpoint restore.
-            self._attach_after_configure_model(trainer, pl_module)
-        else:
-            self._attach(trainer, pl_module)
+        if stage == "fit":
+            self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
+        # Lightning runs the callbacks' `setup`, then the module's `setup`, then `configure_model`, then restores a
+        # checkpoint: attach after the last hook that may build layers, before the restore and before DDP wrapping.
+        hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
+        self._run_after(pl_module, hook, lambda: self._attach(trainer, pl_module))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if "configure_model" in vars(pl_module):
-            del pl_module.configure_model
+        for hook in ("setup", "configure_model"):
+            if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
+                delattr(pl_module, hook)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve_schedule(trainer.estimated_stepping_batches)
-        if trainer.global_step < self.last_update_step:
+        step = trainer.global_step
+        if step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
         self._last_logged_step = -1
+        if self._is_fine_tune_step(step) and not self.frozen:
+            self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
 
     @override
     def on_train_batch_start(
@@ -227,16 +248,38 @@ class ST3PruningCallback(Callback):
         step = trainer.global_step
         if step == self._last_logged_step:
             return  # a later micro-batch of the same optimizer step (gradient accumulation)
-        if step % self.update_every == 0 and step != self.last_update_step:
-            self.update_threshold(step)
-        self._log(pl_module)
+        if self._is_fine_tune_step(step) and not self.frozen:
+            self._freeze(step)
+        elif step % self.update_every == 0:
+            self._bring_threshold_up_to_date(step)
+        self._log(pl_module, step)
         self._last_logged_step = step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._zero_pruned_raw_weights()
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bring_threshold_up_to_date(trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._bring_threshold_up_to_date(trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The last optimizer step moved the weights: recompute so the final model has the scheduled sparsity.
-        if trainer.global_step != self.last_update_step:
-            self.update_threshold(trainer.global_step)
+        self._bring_threshold_up_to_date(trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.make_permanent_at_end:
+            make_permanent(pl_module)
+            self._frozen_masks = {}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -260,11 +303,10 @@ class ST3PruningCallback(Callback):
     def update_threshold(self, step: int) -> None:
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
-        threshold = global_threshold([_raw_weight(m) for m in self._layers.values()], sparsity, self.criterion)
+        threshold = global_threshold([raw_weight(m) for m in self._layers.values()], sparsity, self.criterion)
         for module in self._layers.values():
-            factor = layer_score_factor(_raw_weight(module).shape, self.criterion)
-            parametrization = _st3_parametrization(module)
-            parametrization.threshold.copy_(threshold / factor)
+            factor = layer_score_factor(raw_weight(module).shape, self.criterion)
+            find_st3_parametrization(module).threshold.copy_(threshold / factor)
         self.sparsity = sparsity
         self.threshold = float(threshold)
         self.last_update_step = step
@@ -282,24 +324,61 @@ class ST3PruningCallback(Callback):
             total += weight.numel()
         return zeros / total, per_layer
 
-    def _log(self, pl_module: pl.LightningModule) -> None:
+    def _bring_threshold_up_to_date(self, step: int) -> None:
+        if not self.frozen and self._start_step is not None and step != self.last_update_step:
+            self.update_threshold(step)
+
+    def _is_fine_tune_step(self, step: int) -> bool:
+        return self._freeze_step is not None and step >= self._freeze_step
+
+    @torch.no_grad()
+    def _freeze(self, step: int) -> None:
+        """Start the fine-tune phase: last threshold update, effective weights baked into the raw ones, mask fixed."""
+        if step != self.last_update_step:
+            self.update_threshold(step)
+        for module in self._layers.values():
+            raw_weight(module).copy_(module.weight)
+        self._fix_masks()
+        rank_zero_info(
+            f"ST3PruningCallback: mask frozen at step {step} (fine-tune phase), sparsity {self.sparsity:.4f}"
+        )
+
+    @torch.no_grad()
+    def _fix_masks(self) -> None:
+        """Fine-tune mode: keep the weights that are non-zero now, with plain masked gradients and no threshold."""
+        for name, module in self._layers.items():
+            parametrization = find_st3_parametrization(module)
+            parametrization.threshold.zero_()
+            parametrization.soft_threshold = parametrization.straight_through = parametrization.rescale = False
+            self._frozen_masks[name] = raw_weight(module) != 0
+
+    @torch.no_grad()
+    def _zero_pruned_raw_weights(self) -> None:
+        """Undo whatever the optimizer (momentum, weight decay) did to pruned weights in the fine-tune phase."""
+        for name, mask in self._frozen_masks.items():
+            raw_weight(self._layers[name]).masked_fill_(~mask, 0.0)
+
+    def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         sparsity, per_layer = self.measure_sparsity()
         pl_module.log("st3/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
-        pl_module.log("st3/target_sparsity", self.sparsity, on_step=True, on_epoch=False)
+        pl_module.log("st3/target_sparsity", self.scheduled_sparsity(step), on_step=True, on_epoch=False)
         pl_module.log("st3/threshold", self.threshold, on_step=True, on_epoch=False)
         if self.log_layer_sparsity:
             for name, value in per_layer.items():
                 pl_module.log(f"st3/layer/{name}/sparsity", value, on_step=True, on_epoch=False)
 
-    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        configure_model = pl_module.configure_model
+    @staticmethod
+    def _run_after(pl_module: pl.LightningModule, hook: str, then: Callable[[], None]) -> None:
+        """Make ``pl_module.<hook>`` run ``then()`` after itself, for this run (undone in ``teardown``)."""
+        original = getattr(pl_module, hook)
 
-        @functools.wraps(configure_model)
-        def configure_model_then_attach() -> None:
-            configure_model()
-            self._attach(trainer, pl_module)
+        @functools.wraps(original)
+        def hook_then(*args: Any, **kwargs: Any) -> None:
+            original(*args, **kwargs)
+            then()
 
-        pl_module.configure_model = configure_model_then_attach
+        hook_then._st3_wrapper = True  # type: ignore[attr-defined]
+        setattr(pl_module, hook, hook_then)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find the prunable layers and register the ST-3 parametrization on each (idempotent)."""
@@ -312,24 +391,13 @@ class ST3PruningCallback(Callback):
             )
         self._check_no_overlap(trainer, layers)
         for name, module in layers.items():
-            self._register(name, module)
+            try:
+                register_st3_parametrization(module, self.soft_threshold, self.straight_through, self.rescale)
+            except ValueError as err:
+                raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
         self._layers = layers
+        self._frozen_masks = {}
         log.debug("ST3PruningCallback prunes %d layers: %s", len(layers), list(layers))
-
-    def _register(self, name: str, module: nn.Module) -> None:
-        existing = _st3_parametrization(module)
-        if existing is None and parametrize.is_parametrized(module, "weight"):
-            raise MisconfigurationException(
-                f"Layer `{name}` already has a parametrization on `weight` "
-                f"({[type(p).__name__ for p in module.parametrizations.weight]}) that ST-3 cannot combine with. "
-                f"HINT: add '{name}' to `exclude`."
-            )
-        if existing is None:
-            existing = SoftThresholdParametrization().to(module.weight.device)
-            parametrize.register_parametrization(module, "weight", existing)
-        existing.soft_threshold = self.soft_threshold
-        existing.straight_through = self.straight_through
-        existing.rescale = self.rescale
 
     def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:
         for other in trainer.callbacks:
@@ -343,12 +411,12 @@ class ST3PruningCallback(Callback):
                 )
 
     def _check_run_length_known(self, unbounded: bool) -> None:
-        fractions = [name for name in ("start", "end") if isinstance(getattr(self, name), float)]
+        fractions = [name for name in ("start", "end", "freeze_at") if isinstance(getattr(self, name), float)]
         if fractions and unbounded:
             raise MisconfigurationException(
                 f"ST3PruningCallback got {', '.join(f'`{n}={getattr(self, n)}`' for n in fractions)} as a fraction "
                 "of the run, but the run has no known length. HINT: set `max_epochs` or `max_steps` on the Trainer "
-                "(and give the train dataloader a length), or pass `start`/`end` as ints (optimizer steps)."
+                "(and give the train dataloader a length), or pass them as ints (optimizer steps)."
             )
 
     def _resolve_schedule(self, total_steps: float) -> None:
@@ -356,9 +424,16 @@ class ST3PruningCallback(Callback):
         self._check_run_length_known(not math.isfinite(total_steps) or total_steps < 0)
         self._start_step = resolve_step(self.start, total_steps, "start")
         self._end_step = resolve_step(self.end, total_steps, "end")
+        self._freeze_step = None if self.freeze_at is None else resolve_step(self.freeze_at, total_steps, "freeze_at")
+        steps = f"(of {total_steps} optimizer steps)"
         if self._start_step > self._end_step:
             raise MisconfigurationException(
                 f"ST3PruningCallback's ramp starts after it ends: start={self.start} -> step {self._start_step}, "
-                f"end={self.end} -> step {self._end_step} (of {total_steps} optimizer steps). "
-                "HINT: choose `start` <= `end`."
+                f"end={self.end} -> step {self._end_step} {steps}. HINT: choose `start` <= `end`."
+            )
+        if self._freeze_step is not None and self._freeze_step < self._end_step:
+            raise MisconfigurationException(
+                f"ST3PruningCallback would freeze the mask before the ramp ends: freeze_at={self.freeze_at} -> step "
+                f"{self._freeze_step}, end={self.end} -> step {self._end_step} {steps}. HINT: choose `freeze_at` >= "
+                "`end`."
             )

@@ -8,8 +8,11 @@ only holds the per-layer threshold buffer and chooses the gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
 # channel-mean ratio defined for all-zero channels, and the offset that bounds the scale by 1.01 / 0.01 = 101.
@@ -77,8 +80,9 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
     threshold = threshold.to(weight.dtype)
     keep = weight.abs() > threshold
     if soft_threshold:
-        # w - clamp(w, -t, t) == sign(w) * max(|w| - t, 0), bitwise, in two elementwise ops.
-        out = weight - torch.clamp(weight, min=-threshold, max=threshold)
+        # Equals sign(w) * max(|w| - t, 0) bitwise; the `where` also gives pruned entries (|w| == t included) an
+        # exactly zero gradient when autograd differentiates this function (``straight_through=False``).
+        out = torch.where(keep, weight - torch.copysign(threshold, weight), 0.0)
     else:
         out = torch.where(keep, weight, 0.0)
     if rescale:
@@ -140,3 +144,111 @@ class SoftThresholdParametrization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
+
+
+# State-dict keys of a parametrized weight, relative to its module's prefix.
+RAW_WEIGHT_KEY = "parametrizations.weight.original"
+THRESHOLD_KEY = "parametrizations.weight.0.threshold"
+
+
+def find_st3_parametrization(module: nn.Module) -> SoftThresholdParametrization | None:
+    """The ST-3 parametrization on ``module.weight``, or ``None``."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations.weight if isinstance(p, SoftThresholdParametrization)]
+    return found[0] if found else None
+
+
+def raw_weight(module: nn.Module) -> Tensor:
+    """The raw (unthresholded) weight of a module carrying the ST-3 parametrization: what the optimizer updates."""
+    return module.parametrizations.weight.original
+
+
+def _save_effective_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` post-hook: also save the effective weight under the layer's plain ``weight`` key.
+
+    So a checkpoint of a model under ST-3 loads into the same model without this package: the plain model takes
+    ``<layer>.weight`` (zeros included) and ignores the ``parametrizations`` keys.
+    """
+    if find_st3_parametrization(module) is not None:
+        with torch.no_grad():
+            state_dict[prefix + "weight"] = module.weight.detach()
+
+
+def _load_raw_or_effective(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """``load_state_dict`` pre-hook of a parametrized layer.
+
+    A state dict from an ST-3 model has both the raw weight and the derived effective ``weight``: the derived one is
+    dropped. A state dict from a dense or permanent model has only ``weight``: it becomes the raw weight, with a
+    threshold of 0 (unchanged until the next threshold update), so ST-3 can start from pretrained dense weights.
+    """
+    if find_st3_parametrization(module) is None:
+        return
+    plain = prefix + "weight"
+    if prefix + RAW_WEIGHT_KEY in state_dict:
+        state_dict.pop(plain, None)
+    elif plain in state_dict:
+        state_dict[prefix + RAW_WEIGHT_KEY] = state_dict.pop(plain)
+        state_dict.setdefault(prefix + THRESHOLD_KEY, torch.zeros((), dtype=torch.float32))
+
+
+def register_st3_parametrization(
+    module: nn.Module, soft_threshold: bool = True, straight_through: bool = True, rescale: bool = True
+) -> SoftThresholdParametrization:
+    """Put the ST-3 parametrization on ``module.weight`` (or update the flags of the one already there).
+
+    Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
+    ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
+    ``load_state_dict`` accepts both ST-3 and plain (dense or permanent) state dicts.
+
+    Args:
+        module: A layer with a ``weight`` (output channels on dim 0).
+        soft_threshold: See :class:`SoftThresholdParametrization`.
+        straight_through: See :class:`SoftThresholdParametrization`.
+        rescale: See :class:`SoftThresholdParametrization`.
+
+    Returns:
+        The parametrization, whose ``threshold`` buffer the caller sets.
+
+    Raises:
+        ValueError: If ``module.weight`` already carries another parametrization.
+    """
+    existing = find_st3_parametrization(module)
+    if existing is None:
+        if parametrize.is_parametrized(module, "weight"):
+            names = [type(p).__name__ for p in module.parametrizations.weight]
+            raise ValueError(f"`weight` already has the parametrizations {names}, which ST-3 cannot combine with")
+        existing = SoftThresholdParametrization().to(module.weight.device)
+        parametrize.register_parametrization(module, "weight", existing)
+        module.register_state_dict_post_hook(_save_effective_weight)
+        module.register_load_state_dict_pre_hook(_load_raw_or_effective)
+    existing.soft_threshold = soft_threshold
+    existing.straight_through = straight_through
+    existing.rescale = rescale
+    return existing
+
+
+def remove_st3_parametrization(module: nn.Module) -> None:
+    """Bake the effective weight into a plain ``weight`` Parameter and restore the layer's original class.
+
+    The Parameter object is kept (its data replaced), so optimizers holding it stay valid. The state-dict hooks of
+    :func:`register_st3_parametrization` are removed too, so the module pickles and loads without this package.
+    """
+    if find_st3_parametrization(module) is None:
+        return
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).
+    for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+        for key in [
+            k for k, h in hooks.items() if getattr(h, "hook", h) in (_save_effective_weight, _load_raw_or_effective)
+        ]:
+            del hooks[key]

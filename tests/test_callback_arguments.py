@@ -106,5 +106,6 @@ def test_layer_with_a_foreign_parametrization_raises() -> None:
     model = TinyNet()
     nn.utils.parametrizations.weight_norm(model.fc)
     trainer = quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback()])
-    with pytest.raises(MisconfigurationException, match=r"Layer `fc` already has a parametrization.*exclude"):
+    message = r"Layer `fc`: `weight` already has the parametrizations \['_WeightNorm'\].*HINT: add 'fc' to `exclude`"
+    with pytest.raises(MisconfigurationException, match=message):
         trainer.fit(model, random_loader(2))

@@ -111,3 +111,17 @@ def test_parametrization_state_and_repr() -> None:
     assert keys == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.threshold"}
     assert [n for n, _ in layer.named_parameters()] == ["bias", "parametrizations.weight.original"]
     assert "soft_threshold=True, straight_through=True, rescale=True" in repr(layer)
+
+
+@pytest.mark.parametrize("soft_threshold", [True, False])
+def test_weight_exactly_at_the_threshold_is_pruned_and_gets_no_gradient_without_straight_through(
+    soft_threshold: bool,
+) -> None:
+    # The k-th smallest magnitude *is* the threshold, so one weight always sits exactly on it.
+    weight = torch.tensor([[0.15, -0.15, 0.3, -0.05]], requires_grad=True)
+    param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=False, rescale=False)
+    param.threshold.fill_(0.15)
+    out = param(weight)
+    assert out[0, :2].eq(0).all()
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
