@@ -23,7 +23,13 @@ from typing_extensions import override
 
 from lightning_stthree.export import make_permanent
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
-from lightning_stthree.parametrization import find_st3_parametrization, raw_weight, register_st3_parametrization
+from lightning_stthree.parametrization import (
+    RAW_WEIGHT_KEY,
+    find_st3_parametrization,
+    raw_weight,
+    register_st3_parametrization,
+    remove_st3_parametrization,
+)
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
 from lightning_stthree.threshold import CRITERIA, Criterion, global_threshold, layer_score_factor
 
@@ -193,6 +199,7 @@ class ST3PruningCallback(Callback):
         self._freeze_step: int | None = None
         self._frozen_masks: dict[str, Tensor] = {}  # fine-tune phase: which weights are kept, by layer
         self._last_logged_step = -1
+        self._plain_before_stage: list[nn.Module] = []  # see `setup`
 
     @property
     @override
@@ -220,16 +227,26 @@ class ST3PruningCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
+        else:
+            # validate/test/predict attach too, so that an ST-3 `ckpt_path` loads; layers that were plain before
+            # (e.g. made permanent) are made plain again in `teardown`, holding the effective weights.
+            self._plain_before_stage = [m for m in pl_module.modules() if find_st3_parametrization(m) is None]
         # Lightning runs the callbacks' `setup`, then the module's `setup`, then `configure_model`, then restores a
-        # checkpoint: attach after the last hook that may build layers, before the restore and before DDP wrapping.
+        # checkpoint and wraps the model (DDP). Attach to the layers that exist now (so callbacks after this one that
+        # copy the model in their `setup`, like StochasticWeightAveraging, copy it parametrized), and again after the
+        # last hook that may build layers, before the restore.
+        self._attach(trainer, pl_module, final=False)
         hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
-        self._run_after(pl_module, hook, lambda: self._attach(trainer, pl_module))
+        self._run_after(pl_module, hook, lambda: self._attach(trainer, pl_module, final=True))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for hook in ("setup", "configure_model"):
             if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
                 delattr(pl_module, hook)
+        for module in self._plain_before_stage:
+            remove_st3_parametrization(module)
+        self._plain_before_stage = []
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,6 +297,20 @@ class ST3PruningCallback(Callback):
         if self.make_permanent_at_end:
             make_permanent(pl_module)
             self._frozen_masks = {}
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
+        # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
+        if not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint.get("state_dict", {})):
+            raise MisconfigurationException(
+                "`ckpt_path` points to a checkpoint of a run without ST-3; its optimizer state cannot be resumed with "
+                "ST3PruningCallback (the parametrizations change the order of the parameters). HINT: load its weights "
+                "(`model.load_state_dict(torch.load(path)['state_dict'])` or `Model.load_from_checkpoint(path)`) and "
+                "call `trainer.fit(model)` without `ckpt_path` to sparsify a pretrained model."
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -380,10 +411,19 @@ class ST3PruningCallback(Callback):
         hook_then._st3_wrapper = True  # type: ignore[attr-defined]
         setattr(pl_module, hook, hook_then)
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Find the prunable layers and register the ST-3 parametrization on each (idempotent)."""
-        layers = find_prunable_layers(pl_module, self.include_types, self.exclude)
-        if not layers:
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> None:
+        """Find the prunable layers and register the ST-3 parametrization on each (idempotent).
+
+        ``final=False`` is an early pass over the layers that exist at the callback's ``setup``: an ``exclude``
+        pattern or an empty model is only an error once all layers are built.
+        """
+        try:
+            layers = find_prunable_layers(pl_module, self.include_types, self.exclude)
+        except ValueError:
+            if final:
+                raise
+            return
+        if not layers and final:
             raise MisconfigurationException(
                 f"ST3PruningCallback found no layer to prune in {type(pl_module).__name__}: it prunes the `weight` "
                 f"of {list(self.include_types)} modules not matched by `exclude={list(self.exclude)}`. "

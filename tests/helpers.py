@@ -95,3 +95,22 @@ def cubic_reference(step: int, target: float, start: int, end: int, power: float
         return target if step >= end else 0.0
     p = min(max((step - start) / (end - start), 0.0), 1.0)
     return target * (1 - (1 - p) ** power)
+
+
+class EvalNet(TinyNet):
+    """TinyNet that also validates, tests and predicts (loss and accuracy logged as ``<stage>_loss/acc``)."""
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}_loss", nn.functional.cross_entropy(logits, y))
+        self.log(f"{stage}_acc", (logits.argmax(1) == y).float().mean())
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
