@@ -1,6 +1,8 @@
-"""Run by ``test_ddp.py`` as a script: 2-process CPU DDP training; each rank saves its masks and threshold.
+"""Run by ``test_ddp.py`` as a script: 2-process CPU DDP training.
 
-Lightning's ``ddp`` strategy launches the second process by running this script again with its own environment.
+With ``ddp``, Lightning launches the second process by running this script again, and each rank saves its masks and
+threshold. With ``ddp_spawn``, the workers are spawned and the main process gets the trained weights back through a
+non-strict ``load_state_dict``; the main process saves what it got.
 """
 
 import sys
@@ -13,13 +15,21 @@ from helpers import TinyNet, quiet_trainer, random_loader
 from lightning_stthree import ST3PruningCallback
 
 
-def main(out_dir: Path) -> None:
+def main(strategy: str, out_dir: Path) -> None:
     pl.seed_everything(0)
     model = TinyNet()
+    initial_fc = model.fc.weight.detach().clone()
     cb = ST3PruningCallback(0.9, start=2, end=10)
-    trainer = quiet_trainer(max_steps=12, devices=2, strategy="ddp", callbacks=[cb])
+    trainer = quiet_trainer(max_steps=12, devices=2, strategy=strategy, callbacks=[cb])
     # Different data on each rank (DistributedSampler), identical weights after each all-reduced step.
     trainer.fit(model, random_loader(24))
+    if strategy == "ddp_spawn":
+        with torch.no_grad():
+            fc = model.fc.weight.detach()
+        torch.save(
+            {"fc": fc, "initial_fc": initial_fc, "sparsity": float((fc == 0).float().mean())}, out_dir / "main.pt"
+        )
+        return
     with torch.no_grad():
         masks = {name: (layer.weight != 0) for name, layer in cb.layers.items()}
         raw = {name: layer.parametrizations.weight.original.clone() for name, layer in cb.layers.items()}
@@ -36,4 +46,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -50,7 +50,7 @@ def test_callback_from_yaml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("criterion: l1_std", "criterion: l2", "criterion"),
+        ("criterion: l1_std", "criterion: l2", "Expected a typing.Literal['l1', 'l1_std']. Got value: l2"),
         ("target_sparsity: 0.8", "target_sparsity: 1.5", "`target_sparsity` must be in [0, 1), got 1.5"),
     ],
 )
