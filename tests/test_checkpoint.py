@@ -170,9 +170,12 @@ def test_sparse_state_dict_rejects_raw_weights_without_effective_ones() -> None:
         sparse_state_dict({"fc.parametrizations.weight.original": torch.zeros(2, 2)})
 
 
-def test_frozen_zeros_stay_zero_with_momentum_and_weight_decay() -> None:
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_frozen_zeros_stay_zero_with_momentum_and_weight_decay(optimizer: str) -> None:
     class StrongDecay(TinyNet):
         def configure_optimizers(self) -> torch.optim.Optimizer:
+            if optimizer == "adamw":
+                return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.05)
             return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9, weight_decay=0.05)
 
     log: list[dict] = []
