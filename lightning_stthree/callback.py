@@ -18,13 +18,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
 from lightning_stthree.export import make_permanent
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
 from lightning_stthree.parametrization import (
     RAW_WEIGHT_KEY,
+    SoftThresholdParametrization,
     find_st3_parametrization,
     raw_weight,
     register_st3_parametrization,
@@ -197,7 +198,7 @@ class ST3PruningCallback(Callback):
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._freeze_step: int | None = None
-        self._frozen_masks: dict[str, Tensor] = {}  # fine-tune phase: which weights are kept, by layer
+        self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
         self._last_logged_step = -1
         self._plain_before_stage: list[nn.Module] = []  # see `setup`
 
@@ -219,7 +220,7 @@ class ST3PruningCallback(Callback):
     @property
     def frozen(self) -> bool:
         """Whether the fine-tune phase (fixed mask) has started."""
-        return bool(self._frozen_masks)
+        return any(p.frozen for p in self._parametrizations())
 
     # ------------------------------------------------------------------ hooks
 
@@ -241,6 +242,15 @@ class ST3PruningCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_module(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips `teardown` when a run fails or is interrupted: undo the module changes all the same.
+        self._restore_module(pl_module)
+
+    def _restore_module(self, pl_module: pl.LightningModule) -> None:
+        """Remove the hook wrappers of `setup` and make layers that came into a non-fit stage plain again."""
         for hook in ("setup", "configure_model"):
             if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
                 delattr(pl_module, hook)
@@ -255,7 +265,7 @@ class ST3PruningCallback(Callback):
         if step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
         self._last_logged_step = -1
-        if self._is_fine_tune_step(step) and not self.frozen:
+        if self._checkpoint_frozen and not self.frozen:
             self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
 
     @override
@@ -276,6 +286,8 @@ class ST3PruningCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # The forward pass applies the fixed mask anyway; zeroing the raw weights keeps checkpoints exact (and the
+        # mask recoverable from them) whatever the optimizer did to pruned entries.
         self._zero_pruned_raw_weights()
 
     @override
@@ -296,7 +308,6 @@ class ST3PruningCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.make_permanent_at_end:
             make_permanent(pl_module)
-            self._frozen_masks = {}
 
     @override
     def on_load_checkpoint(
@@ -304,7 +315,7 @@ class ST3PruningCallback(Callback):
     ) -> None:
         # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
         # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
-        if not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint.get("state_dict", {})):
+        if trainer.state.fn == "fit" and not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint["state_dict"]):
             raise MisconfigurationException(
                 "`ckpt_path` points to a checkpoint of a run without ST-3; its optimizer state cannot be resumed with "
                 "ST3PruningCallback (the parametrizations change the order of the parameters). HINT: load its weights "
@@ -314,13 +325,19 @@ class ST3PruningCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "threshold": self.threshold, "last_update_step": self.last_update_step}
+        return {
+            "sparsity": self.sparsity,
+            "threshold": self.threshold,
+            "last_update_step": self.last_update_step,
+            "frozen": self.frozen,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sparsity = float(state_dict["sparsity"])
         self.threshold = float(state_dict["threshold"])
         self.last_update_step = int(state_dict["last_update_step"])
+        self._checkpoint_frozen = bool(state_dict["frozen"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -376,18 +393,21 @@ class ST3PruningCallback(Callback):
 
     @torch.no_grad()
     def _fix_masks(self) -> None:
-        """Fine-tune mode: keep the weights that are non-zero now, with plain masked gradients and no threshold."""
-        for name, module in self._layers.items():
-            parametrization = find_st3_parametrization(module)
-            parametrization.threshold.zero_()
-            parametrization.soft_threshold = parametrization.straight_through = parametrization.rescale = False
-            self._frozen_masks[name] = raw_weight(module) != 0
+        """Fine-tune mode: keep the weights whose raw value is non-zero now, under a fixed mask."""
+        for module in self._layers.values():
+            find_st3_parametrization(module).freeze(raw_weight(module) != 0)
 
     @torch.no_grad()
     def _zero_pruned_raw_weights(self) -> None:
         """Undo whatever the optimizer (momentum, weight decay) did to pruned weights in the fine-tune phase."""
-        for name, mask in self._frozen_masks.items():
-            raw_weight(self._layers[name]).masked_fill_(~mask, 0.0)
+        for module in self._layers.values():
+            mask = find_st3_parametrization(module).mask
+            if mask is not None:
+                raw_weight(module).masked_fill_(~mask, 0.0)
+
+    def _parametrizations(self) -> list[SoftThresholdParametrization]:
+        found = (find_st3_parametrization(m) for m in self._layers.values())
+        return [p for p in found if p is not None]
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         sparsity, per_layer = self.measure_sparsity()
@@ -436,7 +456,6 @@ class ST3PruningCallback(Callback):
             except ValueError as err:
                 raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
         self._layers = layers
-        self._frozen_masks = {}
         log.debug("ST3PruningCallback prunes %d layers: %s", len(layers), list(layers))
 
     def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:

@@ -113,6 +113,10 @@ class SoftThresholdParametrization(nn.Module):
     checkpoint reproduces the effective weights on its own). The threshold enters the forward pass as a tensor, never as
     a Python number, so changing it never recompiles a compiled model. A threshold of 0 is the identity.
 
+    In the fine-tune phase (:meth:`freeze`) the parametrization instead applies a fixed boolean mask (a
+    non-persistent buffer, re-derived from the zeros of the raw weight on resume): ``where(mask, w, 0)``, with
+    gradients through kept weights only.
+
     Args:
         soft_threshold: Soft threshold (ST-3) instead of a hard mask.
         straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
@@ -128,6 +132,7 @@ class SoftThresholdParametrization(nn.Module):
     """
 
     threshold: Tensor
+    mask: Tensor | None
 
     def __init__(self, soft_threshold: bool = True, straight_through: bool = True, rescale: bool = True) -> None:
         super().__init__()
@@ -135,15 +140,31 @@ class SoftThresholdParametrization(nn.Module):
         self.straight_through = straight_through
         self.rescale = rescale
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("mask", None, persistent=False)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether a fixed mask replaces the threshold (fine-tune phase)."""
+        return self.mask is not None
+
+    def freeze(self, mask: Tensor) -> None:
+        """Apply the fixed boolean ``mask`` from now on, instead of the threshold (which is set to 0)."""
+        self.threshold.zero_()
+        self.mask = mask.to(dtype=torch.bool, device=self.threshold.device)
 
     def forward(self, weight: Tensor) -> Tensor:
         """Return the effective weight for the raw ``weight``."""
+        if self.mask is not None:
+            return torch.where(self.mask, weight, 0.0)
         if self.straight_through:
             return _StraightThroughEffectiveWeight.apply(weight, self.threshold, self.soft_threshold, self.rescale)
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
 
     def extra_repr(self) -> str:
-        return f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
+        flags = (
+            f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
+        )
+        return flags + (", frozen=True" if self.frozen else "")
 
 
 # State-dict keys of a parametrized weight, relative to its module's prefix.

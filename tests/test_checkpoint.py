@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 from typing import ClassVar
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import EvalNet, ImageClassifier, TinyNet, quiet_trainer, random_loader
@@ -53,7 +54,7 @@ def test_resume_ends_equal_to_the_uninterrupted_run(
     state = torch.load(ckpt, weights_only=True)  # plain data only: loads without unpickling code
     (cb_state,) = (v for k, v in state["callbacks"].items() if k.startswith("ST3PruningCallback"))
     assert cb_state["last_update_step"] == (28 if phase == "fine-tune phase" else step)
-    assert all(type(v) in (int, float) for v in cb_state.values())
+    assert all(type(v) in (int, float, bool) for v in cb_state.values())
     fc_threshold = state["state_dict"]["fc.parametrizations.weight.0.threshold"]
     if phase == "before the ramp":
         assert fc_threshold == 0
@@ -74,26 +75,45 @@ def test_resume_ends_equal_to_the_uninterrupted_run(
 def test_resume_restores_threshold_and_callback_state(
     uninterrupted: tuple[TinyNet, ST3PruningCallback, Path], tmp_path: Path
 ) -> None:
-    # Mid-ramp checkpoint at step 16; 16 is not an update step (update_every=3), so the resumed run must use the
-    # restored threshold buffer for its first steps, not a fresh (or zero) one.
+    # Mid-ramp checkpoint at step 16, which is not an update step (update_every=3): the resumed run must use the
+    # threshold stored in the checkpoint, not recompute one. A tampered threshold makes that visible.
     _, _, dirpath = uninterrupted
-    ckpt = dirpath / "epoch=1.ckpt"
-    saved = torch.load(ckpt, weights_only=True)
+    saved = torch.load(dirpath / "epoch=1.ckpt", weights_only=True)
+    tampered = 1.5 * saved["state_dict"]["fc.parametrizations.weight.0.threshold"]
+    saved["state_dict"]["fc.parametrizations.weight.0.threshold"] = tampered
+    torch.save(saved, tmp_path / "tampered.ckpt")
     seen = {}
 
     class Spy(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-            if trainer.global_step == 16:
-                (cb,) = (c for c in trainer.callbacks if isinstance(c, ST3PruningCallback))
-                seen["state"] = cb.state_dict()
-                seen["fc"] = pl_module.fc.parametrizations.weight[0].threshold.clone()
+            (cb,) = (c for c in trainer.callbacks if isinstance(c, ST3PruningCallback))
+            seen[trainer.global_step] = (cb.state_dict(), pl_module.fc.parametrizations.weight[0].threshold.clone())
 
     torch.manual_seed(0)
-    trainer = quiet_trainer(max_steps=17, callbacks=[ST3PruningCallback(**SCHEDULE), Spy()])
-    trainer.fit(TinyNet(), random_loader(STEPS_PER_EPOCH), ckpt_path=ckpt)
+    trainer = quiet_trainer(max_steps=19, callbacks=[ST3PruningCallback(**SCHEDULE), Spy()])
+    trainer.fit(TinyNet(), random_loader(STEPS_PER_EPOCH), ckpt_path=tmp_path / "tampered.ckpt")
     (cb_state,) = (v for k, v in saved["callbacks"].items() if k.startswith("ST3PruningCallback"))
-    assert seen["state"] == cb_state
-    assert seen["fc"] == saved["state_dict"]["fc.parametrizations.weight.0.threshold"] > 0
+    assert seen[16][0] == cb_state
+    assert seen[16][1] == tampered  # the first resumed step uses the checkpoint's threshold
+    assert seen[18][1] != tampered  # later ones are recomputed from the weights
+
+
+def test_resume_from_a_checkpoint_taken_at_the_freeze_step(tmp_path: Path) -> None:
+    # The epoch=1 checkpoint is written at step 16 = freeze_at, before the freeze happened at the next batch start.
+    global SCHEDULE
+    schedule = SCHEDULE
+    SCHEDULE = {**schedule, "end": 16, "freeze_at": 16}
+    try:
+        full, _ = _train(tmp_path / "full")
+        state = torch.load(tmp_path / "full" / "epoch=1.ckpt", weights_only=True)
+        (cb_state,) = (v for k, v in state["callbacks"].items() if k.startswith("ST3PruningCallback"))
+        assert cb_state["frozen"] is False
+        resumed, resumed_cb = _train(tmp_path / "resumed", ckpt_path=tmp_path / "full" / "epoch=1.ckpt")
+    finally:
+        SCHEDULE = schedule
+    assert resumed_cb.measure_sparsity()[0] == pytest.approx(0.9, abs=0.005)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_two_callbacks_keep_separate_state(tmp_path: Path) -> None:
@@ -117,6 +137,15 @@ def test_two_callbacks_keep_separate_state(tmp_path: Path) -> None:
     assert restored[1].state_dict() == states[fc_cb.state_key]
 
 
+def _fit_saving_last(model: nn.Module, dirpath: Path, steps: int = 8, **loader_kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
+    """Fit ``model`` with ST-3 (90% reached at step ``steps - 2``), saving ``dirpath / "last.ckpt"``."""
+    checkpoint = ModelCheckpoint(dirpath=dirpath, save_last=True)
+    pruning = ST3PruningCallback(0.9, start=0, end=steps - 2)
+    trainer = quiet_trainer(max_steps=steps, callbacks=[pruning, checkpoint], enable_checkpointing=True)
+    trainer.fit(model, random_loader(steps, **loader_kwargs))
+    return trainer
+
+
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -125,11 +154,7 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_plain_pytorch_loads_the_effective_weights(tmp_path: Path) -> None:
     model = TinyNet()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = quiet_trainer(
-        max_steps=8, callbacks=[ST3PruningCallback(0.9, start=0, end=6), checkpoint], enable_checkpointing=True
-    )
-    trainer.fit(model, random_loader(8))
+    _fit_saving_last(model, tmp_path)
     x = torch.randn(16, 3, 8, 8)
     expected = _outputs(model, x)
 
@@ -153,11 +178,7 @@ def test_sparse_weights_of_a_wrapped_torchvision_model(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = ImageClassifier(torchvision.models.resnet18(num_classes=10))
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = quiet_trainer(
-        max_steps=4, callbacks=[ST3PruningCallback(0.9, start=0, end=3), checkpoint], enable_checkpointing=True
-    )
-    trainer.fit(model, random_loader(4, batch_size=4, shape=(3, 32, 32)))
+    _fit_saving_last(model, tmp_path, steps=4, batch_size=4, shape=(3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     net = load_sparse_weights(torchvision.models.resnet18(num_classes=10), tmp_path / "last.ckpt", prefix="model.")
     assert torch.equal(_outputs(net, x), _outputs(model, x))
@@ -218,6 +239,33 @@ def test_frozen_zeros_stay_zero_with_momentum_and_weight_decay(optimizer: str) -
     assert not all(torch.equal(control[0], m) for m in control)
 
 
+def test_frozen_mask_holds_with_several_optimizer_steps_per_batch() -> None:
+    # Manual optimization, two optimizer steps per batch: the second forward of a batch must still see the mask,
+    # although the raw weights are only re-zeroed when the batch ends.
+    sparsity_seen: list[tuple[int, float]] = []
+
+    class TwoSteps(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            optimizer = self.optimizers()
+            for _ in range(2):
+                sparsity_seen.append((self.global_step, float((self.fc.weight == 0).float().mean())))
+                loss = super().training_step(batch, batch_idx)
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+
+    # global_step counts both optimizer steps: freeze at step 20 is batch 10.
+    cb = ST3PruningCallback(0.9, start=0, end=10, freeze_at=20)
+    quiet_trainer(max_steps=40, callbacks=[cb]).fit(TwoSteps(), random_loader(20))
+    frozen = [value for step, value in sparsity_seen if step >= 20]
+    assert len(frozen) == 20
+    assert min(frozen) == max(frozen) > 0.85
+
+
 def test_freeze_at_as_a_fraction(tmp_path: Path) -> None:
     cb = ST3PruningCallback(0.8, start=0.0, end=0.5, freeze_at=0.75)
     quiet_trainer(max_epochs=1, callbacks=[cb]).fit(TinyNet(), random_loader(20))
@@ -263,28 +311,50 @@ def test_make_permanent_gives_plain_layers_with_the_same_outputs() -> None:
 
 
 def test_make_permanent_at_end_and_test_accuracy_unchanged() -> None:
-    model = EvalNet()
-    cb = ST3PruningCallback(0.9, start=0, end=6, make_permanent_at_end=True)
-    trainer = quiet_trainer(max_steps=8, callbacks=[cb])
-    trainer.fit(model, random_loader(8))
+    def fit(make_permanent_at_end: bool) -> tuple[EvalNet, dict]:  # type: ignore[type-arg]
+        torch.manual_seed(0)
+        model = EvalNet()
+        cb = ST3PruningCallback(0.9, start=0, end=6, make_permanent_at_end=make_permanent_at_end)
+        trainer = quiet_trainer(max_steps=8, callbacks=[cb], deterministic=True)
+        trainer.fit(model, random_loader(8))
+        (result,) = trainer.test(model, random_loader(4, seed=1), verbose=False)
+        return model, result
+
+    permanent, permanent_result = fit(True)
+    parametrized, parametrized_result = fit(False)
+    assert type(permanent.fc) is nn.Linear  # testing with the callback in the Trainer leaves the model plain
+    assert parametrize.is_parametrized(parametrized.fc)
+    assert (permanent.fc.weight == 0).float().mean() > 0.85
+    assert permanent_result == parametrized_result
+
+
+def test_failed_stage_leaves_a_plain_model_plain() -> None:
+    class Broken(EvalNet):
+        def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+    model = Broken()
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(callbacks=[ST3PruningCallback()]).test(model, random_loader(2), verbose=False)
     assert type(model.fc) is nn.Linear
-    assert cb.measure_sparsity()[0] == pytest.approx(0.9, abs=0.005)  # on the plain layers now
-    (result,) = trainer.test(model, random_loader(4, seed=1), verbose=False)
-    assert type(model.fc) is nn.Linear  # testing with the callback in the Trainer leaves the model plain
-    # The same accuracy as with the parametrizations in place (measured on a twin run that keeps them).
-    twin = EvalNet()
-    twin.load_state_dict(model.state_dict())
-    (expected,) = quiet_trainer().test(twin, random_loader(4, seed=1), verbose=False)
+    assert "setup" not in vars(model)
+
+
+def test_plain_checkpoint_can_be_tested_with_the_callback_in_the_trainer(tmp_path: Path) -> None:
+    model = EvalNet()
+    trainer = quiet_trainer(callbacks=[ST3PruningCallback(0.9, start=0, end=4, make_permanent_at_end=True)])
+    quiet_trainer(max_steps=6, callbacks=[ST3PruningCallback(0.9, start=0, end=4, make_permanent_at_end=True)]).fit(
+        model, random_loader(6)
+    )
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": "2.6.0"}, tmp_path / "plain.ckpt")
+    (expected,) = quiet_trainer().test(model, random_loader(4, seed=1), verbose=False)
+    (result,) = trainer.test(EvalNet(), random_loader(4, seed=1), ckpt_path=tmp_path / "plain.ckpt", verbose=False)
     assert result == expected
 
 
 def test_validate_test_predict_use_the_sparse_weights_after_fit_and_after_restore(tmp_path: Path) -> None:
     model = EvalNet()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = quiet_trainer(
-        max_steps=8, callbacks=[ST3PruningCallback(0.9, start=0, end=6), checkpoint], enable_checkpointing=True
-    )
-    trainer.fit(model, random_loader(8))
+    trainer = _fit_saving_last(model, tmp_path)
     data = random_loader(4, seed=1)
     # Reference: a plain model holding only the effective (sparse) weights.
     plain = load_sparse_weights(EvalNet(), tmp_path / "last.ckpt")
