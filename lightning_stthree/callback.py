@@ -10,11 +10,13 @@ import functools
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -22,6 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree.export import make_permanent
+from lightning_stthree.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
 from lightning_stthree.parametrization import (
     RAW_WEIGHT_KEY,
@@ -31,12 +34,21 @@ from lightning_stthree.parametrization import (
     register_st3_parametrization,
     remove_st3_parametrization,
 )
+from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
+from lightning_stthree.report import format_report, report_cells, sparsity_report
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
-from lightning_stthree.threshold import CRITERIA, Criterion, global_threshold, layer_score_factor
+from lightning_stthree.threshold import (
+    CRITERIA,
+    Criterion,
+    global_threshold,
+    layer_score_factor,
+    weighted_global_threshold,
+)
 
 log = logging.getLogger(__name__)
 
 StepSpec = int | float
+BUDGETS: tuple[str, ...] = ("params", "flops")
 
 
 def _check_step_spec(name: str, value: object) -> None:
@@ -115,6 +127,16 @@ class ST3PruningCallback(Callback):
             (mask frozen); ``None`` (default) never freezes. Must be ``>= end``.
         make_permanent_at_end: At the end of ``fit``, remove the parametrizations (see
             :func:`~lightning_stthree.make_permanent`) so the model holds plain layers with sparse weights.
+        budget: ``"params"`` (default): the schedule's sparsity is the fraction of prunable *weights* removed.
+            ``"flops"``: it is the fraction of the prunable layers' *MACs* removed; each weight counts its layer's MACs
+            divided by its layer's weight count, so weights of layers that are expensive per weight (early
+            convolutions at high resolution) are pruned first. Needs MACs (see ``input_shape``).
+        input_shape: Shape of an example input batch (batch dimension first, e.g. ``[1, 3, 224, 224]``) to measure
+            each layer's dense MACs with at fit start; by default the LightningModule's ``example_input_array`` is
+            used. With neither, MACs are not logged, and ``budget="flops"`` is an error.
+        report: Print the per-layer sparsity and MACs table when ``fit`` ends (rank zero only).
+        save_plots: When ``fit`` ends, save ``st3_sparsity.png`` and ``st3_layers.png`` in the Trainer's log
+            directory, and log them as figures to a TensorBoard logger. Needs matplotlib (the ``plot`` extra).
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -145,6 +167,10 @@ class ST3PruningCallback(Callback):
         log_layer_sparsity: bool = True,
         freeze_at: StepSpec | None = None,
         make_permanent_at_end: bool = False,
+        budget: Literal["params", "flops"] = "params",
+        input_shape: list[int] | None = None,
+        report: bool = True,
+        save_plots: bool = False,
     ) -> None:
         if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
             raise TypeError(f"`target_sparsity` must be a float in [0, 1), got {target_sparsity!r}")
@@ -169,10 +195,28 @@ class ST3PruningCallback(Callback):
             ("rescale", rescale),
             ("log_layer_sparsity", log_layer_sparsity),
             ("make_permanent_at_end", make_permanent_at_end),
+            ("report", report),
+            ("save_plots", save_plots),
         ):
             _check_bool(name, flag)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"`update_every` must be an int >= 1 (optimizer steps), got {update_every!r}")
+        if budget not in BUDGETS:
+            raise ValueError(f"`budget` must be one of {BUDGETS}, got {budget!r}")
+        if input_shape is not None and (
+            isinstance(input_shape, str)
+            or len(input_shape) == 0
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+        ):
+            raise ValueError(
+                f"`input_shape` must be a list of positive ints, batch dimension first (e.g. [1, 3, 224, 224]), "
+                f"got {input_shape!r}"
+            )
+        if save_plots:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError as err:
+                raise ImportError(f"`save_plots=True`: {INSTALL_HINT}") from err
 
         self.target_sparsity = float(target_sparsity)
         self.start = start
@@ -188,6 +232,11 @@ class ST3PruningCallback(Callback):
         self.log_layer_sparsity = log_layer_sparsity
         self.freeze_at = freeze_at
         self.make_permanent_at_end = make_permanent_at_end
+        self.budget = budget
+        self.input_shape = None if input_shape is None else list(input_shape)
+        self.report = report
+        self.save_plots = save_plots
+        self.history: list[dict[str, float]] = []  # one record per logged step of this process (not checkpointed)
 
         # Run state: plain Python, saved in checkpoints (see `state_dict`).
         self.sparsity = 0.0  # scheduled sparsity at the last threshold update
@@ -201,6 +250,8 @@ class ST3PruningCallback(Callback):
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
         self._last_logged_step = -1
         self._plain_before_stage: list[nn.Module] = []  # see `setup`
+        self._layer_macs: dict[str, float] = {}  # dense MACs per sample of every Linear/Conv layer, by name
+        self._other_layers: dict[str, nn.Module] = {}  # Linear/Conv layers counted in MACs but not pruned here
 
     @property
     @override
@@ -259,6 +310,10 @@ class ST3PruningCallback(Callback):
         self._plain_before_stage = []
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure_macs(pl_module)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resolve_schedule(trainer.estimated_stepping_batches)
         step = trainer.global_step
@@ -306,6 +361,12 @@ class ST3PruningCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and (self.report or self.save_plots):
+            rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
+            if self.report:
+                self._print_report(trainer, rows)
+            if self.save_plots:
+                self._save_plots(trainer, rows)
         if self.make_permanent_at_end:
             make_permanent(pl_module)
 
@@ -351,7 +412,12 @@ class ST3PruningCallback(Callback):
     def update_threshold(self, step: int) -> None:
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
-        threshold = global_threshold([raw_weight(m) for m in self._layers.values()], sparsity, self.criterion)
+        weights = [raw_weight(m) for m in self._layers.values()]
+        if self.budget == "flops":
+            shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
+            threshold = weighted_global_threshold(weights, shares, sparsity, self.criterion)
+        else:
+            threshold = global_threshold(weights, sparsity, self.criterion)
         for module in self._layers.values():
             factor = layer_score_factor(raw_weight(module).shape, self.criterion)
             find_st3_parametrization(module).threshold.copy_(threshold / factor)
@@ -409,14 +475,85 @@ class ST3PruningCallback(Callback):
         found = (find_st3_parametrization(m) for m in self._layers.values())
         return [p for p in found if p is not None]
 
+    @torch.no_grad()
+    def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
+        """Dense and sparse MACs per sample over all Linear/Conv layers, and their ratio (empty if not measured).
+
+        Layers this callback does not prune count with their own (usually full) density.
+        """
+        if not self._layer_macs:
+            return {}
+        sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
+        densities = {name: 1.0 - value for name, value in sparsity.items()}
+        for name, module in self._other_layers.items():
+            densities[name] = int(torch.count_nonzero(module.weight)) / module.weight.numel()
+        dense = sum(self._layer_macs.values())
+        sparse = sparse_macs(self._layer_macs, densities)
+        return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
+
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         sparsity, per_layer = self.measure_sparsity()
+        target = self.scheduled_sparsity(step)
+        macs = self.measure_macs(per_layer)
         pl_module.log("st3/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
-        pl_module.log("st3/target_sparsity", self.scheduled_sparsity(step), on_step=True, on_epoch=False)
+        pl_module.log("st3/target_sparsity", target, on_step=True, on_epoch=False)
         pl_module.log("st3/threshold", self.threshold, on_step=True, on_epoch=False)
+        for key, value in macs.items():
+            pl_module.log(f"st3/{key}", value, on_step=True, on_epoch=False, prog_bar=key == "macs_ratio")
         if self.log_layer_sparsity:
             for name, value in per_layer.items():
                 pl_module.log(f"st3/layer/{name}/sparsity", value, on_step=True, on_epoch=False)
+        self.history.append({"step": step, "target_sparsity": target, "sparsity": sparsity, **macs})
+
+    def _measure_macs(self, pl_module: pl.LightningModule) -> None:
+        """Measure every Linear/Conv layer's dense MACs once, from ``input_shape`` or ``example_input_array``."""
+        all_layers = find_prunable_layers(pl_module)
+        self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
+        if self._layer_macs.keys() == all_layers.keys():
+            return  # measured in an earlier fit
+        example = pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
+        if example is None:
+            if self.budget == "flops":
+                raise MisconfigurationException(
+                    "ST3PruningCallback(budget='flops') needs each layer's MACs, measured from an example input, but "
+                    f"{type(pl_module).__name__} has no `example_input_array`. HINT: set `self.example_input_array` "
+                    "in the LightningModule or pass `input_shape=[1, 3, 224, 224]` (your input's shape) to the "
+                    "callback."
+                )
+            rank_zero_info(
+                "ST3PruningCallback: MACs are not logged because the model has no `example_input_array`; "
+                "pass `input_shape` to the callback to log st3/macs_*."
+            )
+            return
+        self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
+        if self.budget == "flops" and not any(self._layer_macs[name] > 0 for name in self._layers):
+            raise MisconfigurationException(
+                "ST3PruningCallback(budget='flops'): the example input's forward pass called none of the pruned "
+                "layers, so they have no MACs. HINT: check `example_input_array` / `input_shape`."
+            )
+
+    def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
+        if isinstance(trainer.progress_bar_callback, RichProgressBar):
+            from rich.console import Console
+            from rich.table import Table
+
+            header, cells = report_cells(rows)
+            table = Table(*header, title="ST-3 sparsity report (MACs per sample)")
+            for index, line in enumerate(cells):
+                table.add_row(*line, end_section=index == len(cells) - 2)
+            Console().print(table)
+        else:
+            rank_zero_info("ST-3 sparsity report (MACs per sample):\n" + format_report(rows))
+
+    def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
+        figures = {"st3_sparsity": sparsity_history_figure(self.history), "st3_layers": layer_report_figure(rows)}
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        for name, figure in figures.items():
+            path = save_figure(figure, directory / f"{name}.png")
+            rank_zero_info(f"ST3PruningCallback: saved {path}")
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(f"st3/{name}", figure, global_step=trainer.global_step)
 
     @staticmethod
     def _run_after(pl_module: pl.LightningModule, hook: str, then: Callable[[], None]) -> None:

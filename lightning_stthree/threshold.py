@@ -85,3 +85,67 @@ def global_threshold(weights: Sequence[Tensor], sparsity: float, criterion: Crit
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=scores.device)
     return torch.kthvalue(scores, k).values
+
+
+# Radix selection over the bit patterns of non-negative float32 scores (whose int32 views sort like the floats):
+# first on the high 16 bits, then on the low 16 bits of the one bucket that holds the answer.
+_RADIX_BITS = 16
+_RADIX_BUCKETS = 1 << _RADIX_BITS
+
+
+def _first_reaching(histogram: Tensor, goal: float) -> tuple[int, float]:
+    """Index of the first bucket where the running sum of ``histogram`` reaches ``goal``, and the sum before it."""
+    cumulative = histogram.cumsum(0)
+    index = min(int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype))), len(histogram) - 1)
+    return index, float(cumulative[index - 1]) if index > 0 else 0.0
+
+
+@torch.no_grad()
+def weighted_global_threshold(
+    weights: Sequence[Tensor], shares: Sequence[float], fraction: float, criterion: Criterion = "l1"
+) -> Tensor:
+    r"""Smallest score ``t`` such that pruning every weight with score ``<= t`` removes ``fraction`` of the total share.
+
+    Each weight of ``weights[i]`` carries ``shares[i]`` (for the FLOPs budget: its layer's MACs divided by its layer's
+    weight count). With :math:`W(t) = \sum_i \mathrm{shares}_i \cdot \#\{\mathrm{score} \le t \text{ in layer } i\}`,
+    the result is the smallest score value with :math:`W(t) \ge \mathrm{fraction} \cdot W(\infty)`, so the pruned
+    share overshoots the goal by less than the share of the weights tied at ``t``. Found tensor by tensor, without
+    concatenating or sorting, by a two-pass radix selection over the float32 bit patterns of the scores (two
+    ``bincount`` passes over every weight). With all shares equal to 1 this is the k-th smallest score.
+
+    Args:
+        weights: The raw prunable weight tensors.
+        shares: One non-negative share per tensor (applies to each of its weights).
+        fraction: The fraction of the total share to prune, in ``[0, 1]``.
+        criterion: ``"l1"`` or ``"l1_std"``, as for :func:`global_threshold`.
+
+    Returns:
+        A 0-dim float32 tensor in score units; ``0`` when the goal is 0 (nothing pruned).
+
+    Raises:
+        ValueError: On empty ``weights``, mismatched or negative ``shares``, or ``fraction`` outside ``[0, 1]``.
+    """
+    if len(weights) == 0:
+        raise ValueError("`weights` must hold at least one tensor, got an empty sequence")
+    if len(shares) != len(weights) or any(share < 0 for share in shares):
+        raise ValueError(f"`shares` must hold one non-negative number per weight tensor, got {list(shares)}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
+    device = weights[0].device
+    total = sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
+    goal = fraction * total
+    if goal <= 0:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    keys = [pruning_scores(w, criterion).view(torch.int32) for w in weights]
+
+    high_histogram = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
+    for key, share in zip(keys, shares, strict=True):
+        high_histogram += torch.bincount(key >> _RADIX_BITS, minlength=_RADIX_BUCKETS).double() * share
+    high, before = _first_reaching(high_histogram, goal)
+
+    low_histogram = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
+    for key, share in zip(keys, shares, strict=True):
+        in_bucket = key[(key >> _RADIX_BITS) == high] & (_RADIX_BUCKETS - 1)
+        low_histogram += torch.bincount(in_bucket, minlength=_RADIX_BUCKETS).double() * share
+    low, _ = _first_reaching(low_histogram, goal - before)
+    return torch.tensor((high << _RADIX_BITS) | low, dtype=torch.int32, device=device).view(torch.float32)

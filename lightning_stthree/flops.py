@@ -1,0 +1,95 @@
+"""Multiply-accumulate (MAC) accounting of prunable layers, the paper's FLOPs convention.
+
+ST-3 reports the cost of a sparse network as its conv + linear MACs per input sample (arXiv:2212.01076, Table 1:
+ResNet-50 at 224x224 is 4.09 G MACs dense). A layer's dense MACs are measured once with PyTorch's
+:class:`torch.utils.flop_counter.FlopCounterMode` (which counts FLOPs = 2 x MACs per module); a pruned layer's sparse
+MACs are its density times its dense MACs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+# FlopCounterMode counts a multiply-accumulate as two floating-point operations.
+FLOPS_PER_MAC = 2
+
+
+def _batch_size(example_input: Any) -> int:
+    if isinstance(example_input, Tensor):
+        return int(example_input.shape[0]) if example_input.ndim > 0 else 1
+    if isinstance(example_input, Mapping):
+        return _batch_size(next(iter(example_input.values())))
+    if isinstance(example_input, Sequence) and len(example_input) > 0:
+        return _batch_size(example_input[0])
+    raise TypeError(f"cannot find the batch size of the example input {type(example_input).__name__}")
+
+
+def _to_model(example_input: Any, reference: Tensor) -> Any:
+    """Move tensors to the model's device; floating tensors also to its floating dtype."""
+    if isinstance(example_input, Tensor):
+        dtype = reference.dtype if example_input.is_floating_point() else example_input.dtype
+        return example_input.to(device=reference.device, dtype=dtype)
+    if isinstance(example_input, Mapping):
+        return {k: _to_model(v, reference) for k, v in example_input.items()}
+    if isinstance(example_input, (list, tuple)):
+        return type(example_input)(_to_model(v, reference) for v in example_input)
+    return example_input
+
+
+@torch.no_grad()
+def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str, nn.Module]) -> dict[str, float]:
+    """Dense MACs per input sample of each of ``layers``, from one forward pass of ``model`` on ``example_input``.
+
+    The model is run in eval mode under ``no_grad`` (so batch-norm statistics and every other buffer stay as they are)
+    and its train/eval flags are restored afterwards; nothing is registered on it. An example batch of B inputs counts
+    1/B of its total. A layer called several times in one forward pass counts each call.
+
+    Args:
+        model: The model (parametrized or not); its ``forward`` takes ``example_input`` (a tensor, or a tuple/list
+            of positional arguments, or a dict of keyword arguments, as Lightning's ``example_input_array``).
+        example_input: An example batch; moved to the model's device and floating dtype.
+        layers: The layers to report, by module name in ``model`` (e.g. from ``find_prunable_layers``).
+
+    Returns:
+        ``{layer name: dense MACs per sample}``; a layer the forward pass never called has 0 MACs.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Linear(8, 4))
+        >>> measure_layer_macs(net, torch.zeros(2, 8), {"0": net[0]})
+        {'0': 32.0}
+    """
+    reference = next(iter(model.parameters()))
+    arguments = _to_model(example_input, reference)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            if isinstance(arguments, Mapping):
+                model(**arguments)
+            elif isinstance(arguments, tuple):
+                model(*arguments)
+            else:
+                model(arguments)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    batch = _batch_size(example_input)
+    return {name: sum(counts.get(f"{root}.{name}", {}).values()) / FLOPS_PER_MAC / batch for name in layers}
+
+
+def sparse_macs(dense_macs: Mapping[str, float], densities: Mapping[str, float]) -> float:
+    """Sum over layers of ``density x dense MACs``: the MACs left when pruned weights are skipped.
+
+    Args:
+        dense_macs: Dense MACs per layer.
+        densities: Fraction of non-zero weights per layer (missing layers count as dense).
+    """
+    return sum(macs * densities.get(name, 1.0) for name, macs in dense_macs.items())

@@ -1,0 +1,116 @@
+"""Per-layer sparsity and MACs report, for people (a table) and programs (a list of dicts)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_stthree.flops import measure_layer_macs
+from lightning_stthree.layers import find_prunable_layers
+from lightning_stthree.parametrization import find_st3_parametrization
+
+REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
+TOTAL_ROW_NAME = "total"
+
+
+@torch.no_grad()
+def sparsity_report(
+    model: nn.Module, example_input: Any = None, layer_macs: Mapping[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """One row per ``nn.Linear``/``nn.Conv1d/2d/3d`` of ``model`` (parametrized by ST-3 or plain), then a total row.
+
+    Each row has the keys of :data:`REPORT_COLUMNS`: ``name`` (module name), ``type`` (layer class, as before any
+    parametrization), ``shape`` (weight shape, a list), ``weights``, ``zeros`` (exactly-zero entries of the effective
+    weight), ``density`` (non-zero fraction), ``macs_dense`` and ``macs_sparse`` (per input sample, ``None`` when no
+    MACs are known) and ``pruned`` (whether ST-3 parametrizes it). The last row has ``name == "total"`` and the sums
+    (its ``density`` is over all weights, its ``shape``/``type``/``pruned`` are ``None``).
+
+    Args:
+        model: Any model.
+        example_input: An example batch to measure MACs with (see
+            :func:`~lightning_stthree.flops.measure_layer_macs`); ignored when ``layer_macs`` is given.
+        layer_macs: Dense MACs per layer name, if already measured.
+
+    Returns:
+        The rows, ready for ``pandas.DataFrame(rows)`` or :func:`format_report`.
+    """
+    layers = find_prunable_layers(model)
+    if layer_macs is None and example_input is not None:
+        layer_macs = measure_layer_macs(model, example_input, layers)
+    rows: list[dict[str, Any]] = []
+    for name, module in layers.items():
+        weight = module.weight
+        zeros = weight.numel() - int(torch.count_nonzero(weight))
+        density = 1.0 - zeros / weight.numel()
+        dense = None if layer_macs is None else float(layer_macs.get(name, 0.0))
+        rows.append(
+            {
+                "name": name,
+                "type": parametrize.type_before_parametrizations(module).__name__,
+                "shape": list(weight.shape),
+                "weights": weight.numel(),
+                "zeros": zeros,
+                "density": density,
+                "macs_dense": dense,
+                "macs_sparse": None if dense is None else density * dense,
+                "pruned": find_st3_parametrization(module) is not None,
+            }
+        )
+    weights = sum(r["weights"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    known = layer_macs is not None
+    rows.append(
+        {
+            "name": TOTAL_ROW_NAME,
+            "type": None,
+            "shape": None,
+            "weights": weights,
+            "zeros": zeros,
+            "density": 1.0 - zeros / weights if weights else 1.0,
+            "macs_dense": sum(r["macs_dense"] for r in rows) if known else None,
+            "macs_sparse": sum(r["macs_sparse"] for r in rows) if known else None,
+            "pruned": None,
+        }
+    )
+    return rows
+
+
+def _millions(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.3f}"
+
+
+def report_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and text cells of the report table (MACs in millions), shared by the plain and rich renderings."""
+    header = ["layer", "type", "shape", "weights", "zeros", "density", "MMACs dense", "MMACs sparse"]
+    cells = [
+        [
+            str(row["name"]) + ("" if row["pruned"] in (True, None) else " (not pruned)"),
+            row["type"] or "",
+            "x".join(map(str, row["shape"])) if row["shape"] else "",
+            str(row["weights"]),
+            str(row["zeros"]),
+            f"{row['density']:.4f}",
+            _millions(row["macs_dense"]),
+            _millions(row["macs_sparse"]),
+        ]
+        for row in rows
+    ]
+    return header, cells
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """The report as a plain-text table (MACs in millions), for logs."""
+    header, cells = report_cells(rows)
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        )
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *(line(c) for c in cells[:-1]), rule, line(cells[-1])])
