@@ -2,6 +2,7 @@
 
 from lightning_stthree.callback import ST3PruningCallback
 from lightning_stthree.export import load_sparse_weights, make_permanent, sparse_state_dict
+from lightning_stthree.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers
 from lightning_stthree.parametrization import (
     SoftThresholdParametrization,
@@ -10,8 +11,15 @@ from lightning_stthree.parametrization import (
     register_st3_parametrization,
     remove_st3_parametrization,
 )
+from lightning_stthree.report import format_report, sparsity_report
 from lightning_stthree.schedule import cubic_sparsity, resolve_step
-from lightning_stthree.threshold import global_threshold, layer_score_factor, num_pruned, pruning_scores
+from lightning_stthree.threshold import (
+    global_threshold,
+    layer_score_factor,
+    num_pruned,
+    pruning_scores,
+    weighted_global_threshold,
+)
 
 __all__ = [
     "PRUNABLE_TYPES",
@@ -21,16 +29,21 @@ __all__ = [
     "cubic_sparsity",
     "effective_weight",
     "find_prunable_layers",
+    "format_report",
     "global_threshold",
     "layer_score_factor",
     "load_sparse_weights",
     "make_permanent",
+    "measure_layer_macs",
     "num_pruned",
     "pruning_scores",
     "register_st3_parametrization",
     "remove_st3_parametrization",
     "resolve_step",
+    "sparse_macs",
     "sparse_state_dict",
+    "sparsity_report",
+    "weighted_global_threshold",
 ]
 
 __version__ = "0.1.0"

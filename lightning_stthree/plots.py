@@ -58,7 +58,7 @@ def layer_report_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
         axes[1].bar(positions, [r["macs_dense"] / 1e6 for r in layers], color="0.8", label="dense")
         axes[1].bar(positions, [r["macs_sparse"] / 1e6 for r in layers], color="C1", label="sparse")
         axes[1].set(ylabel="MMACs per sample", title="Per-layer MACs")
-        axes[1].legend()
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in axes:
         ax.set_xticks(list(positions), names, rotation=90, fontsize=7)
         ax.grid(axis="y", alpha=0.3)
