@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -236,7 +236,8 @@ class ST3PruningCallback(Callback):
         self.input_shape = None if input_shape is None else list(input_shape)
         self.report = report
         self.save_plots = save_plots
-        self.history: list[dict[str, float]] = []  # one record per logged step of this process (not checkpointed)
+        # One record per logged step of the current run in this process (not checkpointed): the sparsity plot's data.
+        self.history: list[dict[str, float]] = []
 
         # Run state: plain Python, saved in checkpoints (see `state_dict`).
         self.sparsity = 0.0  # scheduled sparsity at the last threshold update
@@ -319,6 +320,8 @@ class ST3PruningCallback(Callback):
         step = trainer.global_step
         if step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
+        if self.history and step <= self.history[-1]["step"]:
+            self.history = []  # idem, for the history behind the plots
         self._last_logged_step = -1
         if self._checkpoint_frozen and not self.frozen:
             self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
@@ -506,11 +509,10 @@ class ST3PruningCallback(Callback):
         self.history.append({"step": step, "target_sparsity": target, "sparsity": sparsity, **macs})
 
     def _measure_macs(self, pl_module: pl.LightningModule) -> None:
-        """Measure every Linear/Conv layer's dense MACs once, from ``input_shape`` or ``example_input_array``."""
+        """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""
         all_layers = find_prunable_layers(pl_module)
         self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
-        if self._layer_macs.keys() == all_layers.keys():
-            return  # measured in an earlier fit
+        self._layer_macs = {}
         example = pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
         if example is None:
             if self.budget == "flops":
@@ -525,11 +527,30 @@ class ST3PruningCallback(Callback):
                 "pass `input_shape` to the callback to log st3/macs_*."
             )
             return
-        self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
-        if self.budget == "flops" and not any(self._layer_macs[name] > 0 for name in self._layers):
+        try:
+            self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
+        except Exception as err:
+            if self.budget == "flops":
+                raise MisconfigurationException(
+                    f"ST3PruningCallback(budget='flops') could not measure MACs: the forward pass on the example input "
+                    f"failed with {type(err).__name__}: {err}. HINT: check `example_input_array` / `input_shape`."
+                ) from err
+            rank_zero_warn(
+                f"ST3PruningCallback: MACs are not logged: the forward pass on the example input failed with "
+                f"{type(err).__name__}: {err}"
+            )
+            return
+        uncounted = [name for name in self._layers if self._layer_macs[name] == 0]
+        if uncounted and len(uncounted) == len(self._layers) and self.budget == "flops":
             raise MisconfigurationException(
                 "ST3PruningCallback(budget='flops'): the example input's forward pass called none of the pruned "
                 "layers, so they have no MACs. HINT: check `example_input_array` / `input_shape`."
+            )
+        if uncounted:
+            rank_zero_warn(
+                f"ST3PruningCallback: {len(uncounted)} pruned layers were not called as modules in the example forward "
+                f"pass (used functionally, or only in training mode) and count 0 MACs: {uncounted[:10]}"
+                + (" With budget='flops' their weights are pruned as if free." if self.budget == "flops" else "")
             )
 
     def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:

@@ -52,6 +52,8 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
     Args:
         model: The model (parametrized or not); its ``forward`` takes ``example_input`` (a tensor, or a tuple/list
             of positional arguments, or a dict of keyword arguments, as Lightning's ``example_input_array``).
+            Layers used through the functional API rather than called (e.g. ``nn.MultiheadAttention.out_proj``) or
+            only called in training mode (e.g. auxiliary heads) measure 0.
         example_input: An example batch; moved to the model's device and floating dtype.
         layers: The layers to report, by module name in ``model`` (e.g. from ``find_prunable_layers``).
 
@@ -67,16 +69,22 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
     reference = next(iter(model.parameters()))
     arguments = _to_model(example_input, reference)
     modes = {module: module.training for module in model.modules()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    # In eval mode under no_grad, attention and transformer layers take a fused "fast path" that bypasses their
+    # Linear submodules; turn it off so their MACs are attributed to them.
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
+            # As Lightning's model summary calls `example_input_array`: dict -> keywords, list/tuple -> positional.
             if isinstance(arguments, Mapping):
                 model(**arguments)
-            elif isinstance(arguments, tuple):
+            elif isinstance(arguments, (list, tuple)):
                 model(*arguments)
             else:
                 model(arguments)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for module, training in modes.items():
             module.training = training
     counts = counter.get_flop_counts()

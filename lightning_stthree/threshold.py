@@ -93,11 +93,17 @@ _RADIX_BITS = 16
 _RADIX_BUCKETS = 1 << _RADIX_BITS
 
 
-def _first_reaching(histogram: Tensor, goal: float) -> tuple[int, float]:
-    """Index of the first bucket where the running sum of ``histogram`` reaches ``goal``, and the sum before it."""
+def _first_reaching(histogram: Tensor, goal: Tensor) -> tuple[int, Tensor]:
+    """Index of the first bucket where the running sum of ``histogram`` reaches ``goal``, and the sum before it.
+
+    A goal above the total (float rounding of a goal computed as ``fraction * total``) gives the last non-empty bucket,
+    so the answer is always a bucket that holds weights.
+    """
     cumulative = histogram.cumsum(0)
-    index = min(int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype))), len(histogram) - 1)
-    return index, float(cumulative[index - 1]) if index > 0 else 0.0
+    last_non_empty = int(torch.nonzero(histogram).max())
+    index = min(int(torch.searchsorted(cumulative, goal.reshape(1))), last_non_empty)
+    before = cumulative[index - 1] if index > 0 else torch.zeros((), dtype=cumulative.dtype, device=goal.device)
+    return index, before
 
 
 @torch.no_grad()
@@ -132,19 +138,22 @@ def weighted_global_threshold(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
     device = weights[0].device
-    total = sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
-    goal = fraction * total
-    if goal <= 0:
+    if fraction == 0 or all(share == 0 for share in shares):
         return torch.zeros((), dtype=torch.float32, device=device)
-    keys = [pruning_scores(w, criterion).view(torch.int32) for w in weights]
+
+    def keys(weight: Tensor) -> Tensor:
+        # Recomputed in each pass, so that only one tensor's scores are held at a time.
+        return pruning_scores(weight, criterion).view(torch.int32)
 
     high_histogram = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
-    for key, share in zip(keys, shares, strict=True):
-        high_histogram += torch.bincount(key >> _RADIX_BITS, minlength=_RADIX_BUCKETS).double() * share
+    for weight, share in zip(weights, shares, strict=True):
+        high_histogram += torch.bincount(keys(weight) >> _RADIX_BITS, minlength=_RADIX_BUCKETS).double() * share
+    goal = fraction * high_histogram.sum()
     high, before = _first_reaching(high_histogram, goal)
 
     low_histogram = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
-    for key, share in zip(keys, shares, strict=True):
+    for weight, share in zip(weights, shares, strict=True):
+        key = keys(weight)
         in_bucket = key[(key >> _RADIX_BITS) == high] & (_RADIX_BUCKETS - 1)
         low_histogram += torch.bincount(in_bucket, minlength=_RADIX_BUCKETS).double() * share
     low, _ = _first_reaching(low_histogram, goal - before)

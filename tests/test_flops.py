@@ -1,6 +1,5 @@
 """FLOPs (MACs) accounting, the FLOPs budget, the per-layer report and the plots (issue 4)."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -175,19 +174,20 @@ def test_report_is_printed_at_fit_end(caplog: pytest.LogCaptureFixture, capsys: 
     assert "fc" in out
 
 
-def test_plots_are_saved_and_logged_to_tensorboard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plots_are_saved_and_logged_to_tensorboard(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    figures = []
-    monkeypatch.setattr(
-        type(logger.experiment), "add_figure", lambda self, tag, figure, global_step=None: figures.append(tag)
-    )
     cb = ST3PruningCallback(0.9, start=0, end=6, save_plots=True)
     quiet_trainer(max_steps=8, logger=logger, callbacks=[cb]).fit(TinyNet(), random_loader(8))
     for name in ("st3_sparsity", "st3_layers"):
         path = tmp_path / "tb" / "version_0" / f"{name}.png"
         assert path.stat().st_size > 5000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert figures == ["st3/st3_sparsity", "st3/st3_layers"]
+    logger.experiment.flush()
+    events = b"".join(p.read_bytes() for p in (tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+    # Image summaries: the tag and an embedded PNG for each figure.
+    assert b"st3/st3_sparsity" in events
+    assert b"st3/st3_layers" in events
+    assert events.count(b"\x89PNG") >= 2
     assert [h["step"] for h in cb.history] == list(range(8))
 
 
@@ -229,11 +229,91 @@ def test_invalid_flops_arguments(kwargs: dict, error: type[Exception], message: 
         ST3PruningCallback(**kwargs)
 
 
-def test_macs_ratio_is_consistent_with_the_hand_formula_on_resnet18() -> None:
+def test_resnet18_layer_macs_by_hand() -> None:
     net = torchvision.models.resnet18(num_classes=10)
-    layers = find_prunable_layers(net)
-    macs = measure_layer_macs(net, torch.zeros(2, 3, 64, 64), layers)
-    # Hand count of the first convolution: 64 out x 3 in x 7x7 kernel x 32x32 outputs.
+    macs = measure_layer_macs(net, torch.zeros(2, 3, 64, 64), find_prunable_layers(net))
+    # 64x64 input: conv1 (stride 2) gives 32x32, the max-pool 16x16 for layer1; layer2 halves it to 8x8.
     assert macs["conv1"] == 64 * 3 * 49 * 32 * 32
+    assert macs["layer1.0.conv1"] == 64 * 64 * 9 * 16 * 16
+    assert macs["layer2.0.downsample.0"] == 128 * 64 * 1 * 8 * 8
     assert macs["fc"] == 512 * 10
-    assert math.isclose(sum(macs.values()), sum(macs[n] for n in layers))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(y)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict"])
+def test_example_input_with_several_arguments(kind: str) -> None:
+    x, y = torch.zeros(2, 4), torch.zeros(2, 6)
+    example = {"tuple": (x, y), "list": [x, y], "dict": {"x": x, "y": y}}[kind]
+    net = TwoInputs()
+    assert measure_layer_macs(net, example, find_prunable_layers(net)) == {"a": 12.0, "b": 18.0}
+
+
+def test_transformer_linear_layers_are_counted_and_uncounted_ones_reported() -> None:
+    class Encoder(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.TransformerEncoderLayer(10, 2, 32, batch_first=True)
+            self.example_input_array = torch.zeros(2, 3, 8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.encoder(super().forward(x).unsqueeze(1)).squeeze(1)
+
+    model = Encoder()
+    macs = measure_layer_macs(model, model.example_input_array, find_prunable_layers(model))
+    # The fused eval-mode fast path is turned off while counting: linear1/linear2 run as modules.
+    assert macs["encoder.linear1"] == 10 * 32
+    assert macs["encoder.linear2"] == 32 * 10
+    # out_proj is used functionally by MultiheadAttention: 0 MACs, and the callback says so.
+    assert macs["encoder.self_attn.out_proj"] == 0
+    with pytest.warns(UserWarning, match=r"1 pruned layers were not called as modules.*encoder.self_attn.out_proj"):
+        quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback(0.5, start=0, end=1)]).fit(model, random_loader(1))
+
+
+def test_failed_macs_measurement_is_a_warning_unless_flops_are_needed() -> None:
+    class WrongExample(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = torch.zeros(2, 5)  # not an image batch
+
+    with pytest.warns(UserWarning, match=r"MACs are not logged: the forward pass on the example input failed"):
+        quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback()]).fit(WrongExample(), random_loader(1))
+    trainer = quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback(budget="flops")])
+    with pytest.raises(MisconfigurationException, match=r"could not measure MACs.*HINT: check `example_input_array`"):
+        trainer.fit(WrongExample(), random_loader(1))
+
+
+def test_weighted_threshold_with_inexact_shares_is_always_a_score() -> None:
+    # Shares like 1/3 make the float64 running sums inexact; the answer must still be one of the scores, reach the
+    # goal, and be the smallest score that does (up to rounding of the goal).
+    for trial in range(300):
+        generator = torch.Generator().manual_seed(trial)
+        weights = [torch.randint(0, 4, (int(n),), generator=generator) / 10 for n in torch.randint(1, 20, (3,))]
+        shares = [float(torch.rand(1, generator=generator)) / 3 for _ in weights]
+        fraction = (1.0, 0.5, float(torch.rand(1, generator=generator)))[trial % 3]
+        t = weighted_global_threshold(weights, shares, fraction).item()
+
+        def pruned(value: float) -> float:
+            return sum(share * float((w.abs() <= value).sum()) for w, share in zip(weights, shares, strict=True))  # noqa: B023
+
+        scores = torch.cat(weights).abs().unique().tolist()
+        goal = fraction * pruned(float("inf"))
+        assert t in [torch.tensor(v).item() for v in scores]
+        assert pruned(t) >= goal * (1 - 1e-12)
+        smaller = [v for v in scores if v < t]
+        assert not smaller or pruned(max(smaller)) < goal * (1 + 1e-12)
+
+
+def test_second_fit_restarts_the_history() -> None:
+    cb = ST3PruningCallback(0.5, start=0, end=2)
+    quiet_trainer(max_steps=3, callbacks=[cb]).fit(TinyNet(), random_loader(3))
+    quiet_trainer(max_steps=3, callbacks=[cb]).fit(TinyNet(), random_loader(3))
+    assert [h["step"] for h in cb.history] == [0, 1, 2]

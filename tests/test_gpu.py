@@ -35,3 +35,11 @@ def test_fit_on_cuda_reaches_target() -> None:
     quiet_trainer(accelerator="gpu", max_steps=8, callbacks=[cb, Where()]).fit(model, random_loader(8))
     assert devices == {"cuda"}
     assert cb.measure_sparsity()[0] == pytest.approx(0.9, abs=0.005)
+
+
+@pytest.mark.gpu
+def test_flops_budget_on_cuda() -> None:
+    model = TinyNet()
+    cb = ST3PruningCallback(0.8, start=0, end=6, budget="flops")
+    quiet_trainer(accelerator="gpu", max_steps=8, callbacks=[cb]).fit(model, random_loader(8))
+    assert cb.measure_macs()["macs_ratio"] == pytest.approx(0.2, abs=0.005)
