@@ -559,10 +559,16 @@ class ST3PruningCallback(Callback):
             from rich.table import Table
 
             header, cells = report_cells(rows)
-            table = Table(*header, title="ST-3 sparsity report (MACs per sample)")
+            table = Table(title="ST-3 sparsity report (MACs per sample)")
+            for index, title in enumerate(header):
+                table.add_column(title, justify="left" if index < 3 else "right", no_wrap=True)
             for index, line in enumerate(cells):
                 table.add_row(*line, end_section=index == len(cells) - 2)
-            Console().print(table)
+            # Never truncate layer names: widen the console to the table (rich assumes 80 columns without a tty).
+            needed = sum(max(len(c[i]) for c in [header, *cells]) + 3 for i in range(len(header))) + 1
+            console = Console()
+            console.width = max(console.width, needed)
+            console.print(table)
         else:
             rank_zero_info("ST-3 sparsity report (MACs per sample):\n" + format_report(rows))
 

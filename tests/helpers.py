@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import struct
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stthree.data import IDX_FILES
 
 
 class TinyNet(pl.LightningModule):
@@ -114,3 +119,27 @@ class EvalNet(TinyNet):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self(batch[0])
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an IDX file, written out from the format description, gzip'd if ``.gz``."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def make_tiny_idx_dataset(
+    directory: Path, num_train: int = 20, num_test: int = 10, gz: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Write the four IDX files of a tiny random 28x28 dataset into ``directory``; return what was written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
+        "train_labels": np.arange(num_train, dtype=np.uint8) % 10,
+        "test_images": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(num_test, dtype=np.uint8) * 3) % 10,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for role, name in IDX_FILES.items():
+        write_idx(directory / (f"{name}.gz" if gz else name), arrays[role])
+    return arrays
