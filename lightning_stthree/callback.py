@@ -416,11 +416,12 @@ class ST3PruningCallback(Callback):
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
+        pivot = self.threshold if self.threshold > 0 else None  # the threshold moves little from step to step
         if self.budget == "flops":
             shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
-            threshold = weighted_global_threshold(weights, shares, sparsity, self.criterion)
+            threshold = weighted_global_threshold(weights, shares, sparsity, self.criterion, pivot)
         else:
-            threshold = global_threshold(weights, sparsity, self.criterion)
+            threshold = global_threshold(weights, sparsity, self.criterion, pivot)
         for module in self._layers.values():
             factor = layer_score_factor(raw_weight(module).shape, self.criterion)
             find_st3_parametrization(module).threshold.copy_(threshold / factor)

@@ -1,0 +1,134 @@
+"""Exact selection of the global threshold, tensor by tensor, without concatenating or sorting the weights.
+
+The question every threshold update asks: which is the smallest score ``t`` such that the weights with score ``<= t``
+carry at least ``goal`` (``k`` weights for the parameter budget, a number of MACs for the FLOPs budget)? The authors'
+code answers with a full ``torch.sort`` of all weights; :func:`select_threshold` answers exactly (the result is
+always one of the scores, and for unit shares it is bitwise the k-th smallest score), in a few elementwise passes:
+
+1. *Near the previous threshold* (``pivot``): the threshold moves little between optimizer steps. One pass counts
+   the share below ``pivot * (1 - window)`` and gathers the few scores inside ``(pivot * (1 - window),
+   pivot * (1 + window)]``; if the answer lies inside, sorting those few candidates finishes the job.
+2. *Otherwise* (first update, or the threshold jumped): a two-pass radix selection over the float32 bit patterns of
+   the scores (non-negative floats order like their int32 views): a histogram of the high 16 bits finds the bucket
+   holding the answer, a histogram of the low 16 bits within that bucket finds the answer.
+
+Scores are produced in chunks of :data:`CHUNK_SIZE` elements, so the extra memory is a few chunk-sized temporaries
+(plus the candidates) whatever the model's size. Everything runs on the weights' device (CPU or GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+# Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
+CHUNK_SIZE = 1 << 22
+# Half-width of the window around the previous threshold, relative to it.
+PIVOT_WINDOW = 0.02
+
+_RADIX_BITS = 16
+_RADIX_BUCKETS = 1 << _RADIX_BITS
+
+
+def score_chunks(weight: Tensor, factor: float = 1.0) -> Iterator[Tensor]:
+    """Float32 pruning scores ``|w| * factor`` of ``weight``, flattened, in chunks of at most :data:`CHUNK_SIZE`.
+
+    Computed as ``weight.abs().float() * factor`` chunk by chunk: bitwise the same values as on the whole tensor.
+    """
+    flat = weight.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK_SIZE):
+        scores = flat[start : start + CHUNK_SIZE].abs().float()
+        yield scores if factor == 1.0 else scores.mul_(factor)
+
+
+def _first_reaching(cumulative: Tensor, goal: float) -> int:
+    """First index where the non-decreasing ``cumulative`` reaches ``goal``; past the end if it never does."""
+    return int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype, device=cumulative.device)))
+
+
+def _select_near_pivot(
+    weights: Sequence[Tensor], factors: Sequence[float], shares: Sequence[float], goal: float, pivot: float
+) -> Tensor | None:
+    """The answer if it lies within ``PIVOT_WINDOW`` of ``pivot`` (one pass, then a sort of the few candidates)."""
+    low, high = pivot * (1.0 - PIVOT_WINDOW), pivot * (1.0 + PIVOT_WINDOW)
+    device = weights[0].device
+    below = torch.zeros((), dtype=torch.float64, device=device)
+    candidates: list[Tensor] = []
+    candidate_shares: list[Tensor] = []
+    for weight, factor, share in zip(weights, factors, shares, strict=True):
+        for scores in score_chunks(weight, factor):
+            below += (scores <= low).sum().double() * share
+            inside = scores[(scores > low) & (scores <= high)]
+            candidates.append(inside)
+            candidate_shares.append(torch.full(inside.shape, share, dtype=torch.float64, device=device))
+    below_goal = float(below)
+    if below_goal >= goal:
+        return None  # the answer is at or below the window
+    values = torch.cat(candidates)
+    if values.numel() == 0:
+        return None
+    values, order = torch.sort(values, stable=True)
+    cumulative = below_goal + torch.cat(candidate_shares)[order].cumsum(0)
+    index = _first_reaching(cumulative, goal)
+    if index >= values.numel():
+        return None  # the answer is above the window
+    return values[index]
+
+
+def _radix_select(weights: Sequence[Tensor], factors: Sequence[float], shares: Sequence[float], goal: float) -> Tensor:
+    """The answer by a two-pass radix selection over the scores' float32 bit patterns."""
+    device = weights[0].device
+
+    def histogram(bucket: int | None) -> Tensor:
+        counts = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
+        for weight, factor, share in zip(weights, factors, shares, strict=True):
+            for scores in score_chunks(weight, factor):
+                keys = scores.view(torch.int32)
+                if bucket is None:
+                    keys = keys >> _RADIX_BITS
+                else:
+                    keys = keys[(keys >> _RADIX_BITS) == bucket] & (_RADIX_BUCKETS - 1)
+                counts += torch.bincount(keys, minlength=_RADIX_BUCKETS).double() * share
+        return counts
+
+    def locate(counts: Tensor, goal: float) -> tuple[int, float]:
+        cumulative = counts.cumsum(0)
+        # A goal above the total (rounding of a goal computed as fraction * total) gives the last non-empty bucket,
+        # so the answer always holds weights.
+        index = min(_first_reaching(cumulative, goal), int(torch.nonzero(counts).max()))
+        return index, float(cumulative[index - 1]) if index > 0 else 0.0
+
+    high, before = locate(histogram(None), goal)
+    low, _ = locate(histogram(high), goal - before)
+    return torch.tensor((high << _RADIX_BITS) | low, dtype=torch.int32, device=device).view(torch.float32)
+
+
+@torch.no_grad()
+def select_threshold(
+    weights: Sequence[Tensor],
+    factors: Sequence[float],
+    shares: Sequence[float],
+    goal: float,
+    pivot: float | None = None,
+) -> Tensor:
+    r"""Smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \cdot \#\{|w| f_i \le t,\ w \in \mathrm{weights}_i\}
+    \ge \mathrm{goal}`.
+
+    Args:
+        weights: The raw weight tensors (any shapes and floating dtypes, one device).
+        factors: Score factor per tensor (``score = |w| * factor``; 1 for ST-3's ``"l1"``).
+        shares: What each weight of the tensor counts toward ``goal`` (1 to count weights).
+        goal: Must be ``> 0``; a goal above the total gives the largest score.
+        pivot: The previous threshold, if any: tried first as described in the module docstring.
+
+    Returns:
+        A 0-dim float32 tensor on the weights' device, equal to one of the scores.
+    """
+    if pivot is not None and math.isfinite(pivot) and pivot > 0:
+        near = _select_near_pivot(weights, factors, shares, goal, pivot)
+        if near is not None:
+            return near
+    return _radix_select(weights, factors, shares, goal)
