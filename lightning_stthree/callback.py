@@ -364,12 +364,14 @@ class ST3PruningCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
+        directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
         if trainer.is_global_zero and (self.report or self.save_plots):
             rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
             if self.report:
                 self._print_report(trainer, rows)
-            if self.save_plots:
-                self._save_plots(trainer, rows)
+            if directory is not None:
+                self._save_plots(trainer, rows, directory)
         if self.make_permanent_at_end:
             make_permanent(pl_module)
 
@@ -573,9 +575,8 @@ class ST3PruningCallback(Callback):
         else:
             rank_zero_info("ST-3 sparsity report (MACs per sample):\n" + format_report(rows))
 
-    def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
+    def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]], directory: Path) -> None:
         figures = {"st3_sparsity": sparsity_history_figure(self.history), "st3_layers": layer_report_figure(rows)}
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         for name, figure in figures.items():
             path = save_figure(figure, directory / f"{name}.png")
             rank_zero_info(f"ST3PruningCallback: saved {path}")

@@ -8,20 +8,24 @@ given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``S
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stthree.callback import ST3PruningCallback
 
 DEFAULT_CONFIG = resources.files("lightning_stthree") / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 INSTALL_HINT = 'the stthree command needs the `cli` extra: pip install "lightning-stthree[cli]"'
+# Attributes of the shipped DataModules that the shipped ImageClassifier must agree with.
+SHAPE_ATTRIBUTES = ("num_classes", "in_channels", "image_size")
 
 
-def _summary(trainer: Trainer) -> str:
+def summary(trainer: Trainer, log_dir: str | None) -> str:
     """What a person wants to see when a run ends: accuracy, sparsity, MACs and where the files are."""
     lines = [f"ST-3 run finished after {trainer.global_step} optimizer steps"]
     metrics = trainer.callback_metrics
@@ -35,19 +39,42 @@ def _summary(trainer: Trainer) -> str:
         if macs:
             sparse, dense, ratio = macs["macs_sparse"] / 1e6, macs["macs_dense"] / 1e6, macs["macs_ratio"]
             lines.append(f"  {'MACs per sample':<22} {sparse:.4f} M sparse of {dense:.4f} M dense (ratio {ratio:.4f})")
-    if trainer.log_dir is not None:
-        lines.append(f"  {'run directory':<22} {trainer.log_dir}")
+    if log_dir is not None:
+        lines.append(f"  {'run directory':<22} {log_dir}")
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
         lines.append(f"  {'checkpoint':<22} {checkpoint.last_model_path}")
     return "\n".join(lines)
 
 
+def check_model_matches_data(model: LightningModule, datamodule: LightningDataModule | None) -> None:
+    """Refuse a shipped ImageClassifier whose shape arguments disagree with a shipped DataModule's.
+
+    Raises:
+        ValueError: Naming each mismatched argument and the command-line option that fixes it.
+    """
+    from lightning_stthree.data import ImageDataModule
+    from lightning_stthree.models import ImageClassifier
+
+    if not isinstance(model, ImageClassifier) or not isinstance(datamodule, ImageDataModule):
+        return
+    mismatched = [
+        f"--model.init_args.{name} {getattr(datamodule, name)} (got {model.hparams[name]})"
+        for name in SHAPE_ATTRIBUTES
+        if model.hparams[name] != getattr(datamodule, name)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"The model's arguments do not match {type(datamodule).__name__}'s data. HINT: pass "
+            + ", ".join(mismatched)
+        )
+
+
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``stthree`` and ``python -m lightning_stthree``.
 
     Args:
-        args: Command-line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--trainer.max_epochs=2"]``.
+        args: Command-line arguments, e.g. ``["fit", "--trainer.max_epochs=2"]``; ``None`` reads ``sys.argv``.
 
     Returns:
         The ``LightningCLI`` instance.
@@ -59,11 +86,50 @@ def main(args: list[str] | None = None) -> Any:
     from lightning.pytorch.cli import LightningCLI
 
     class STThreeCLI(LightningCLI):
-        """LightningCLI that prints the ST-3 summary after ``fit``."""
+        """LightningCLI that checks the model against the data, prints a summary and keeps predictions."""
+
+        def _before_run(self) -> None:
+            check_model_matches_data(self.model, self.datamodule)
+
+        def _warn_without_checkpoint(self) -> None:
+            if self.config_init[self.subcommand].get("ckpt_path") is None:
+                rank_zero_warn(
+                    f"`stthree {self.subcommand}` without `--ckpt_path` evaluates the freshly initialised model. "
+                    "HINT: pass --ckpt_path runs/<name>/version_<n>/checkpoints/last.ckpt"
+                )
+
+        def before_fit(self) -> None:
+            self._before_run()
+
+        def before_validate(self) -> None:
+            self._before_run()
+            self._warn_without_checkpoint()
+
+        def before_test(self) -> None:
+            self._before_run()
+            self._warn_without_checkpoint()
+
+        def before_predict(self) -> None:
+            self._before_run()
+            self._warn_without_checkpoint()
 
         def after_fit(self) -> None:
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
             if self.trainer.is_global_zero:
-                print(_summary(self.trainer))  # the command's output, not a log line
+                print(summary(self.trainer, log_dir))  # the command's output, not a log line
+
+        def after_predict(self) -> None:
+            log_dir = self.trainer.log_dir
+            predictions = self.trainer.predict_loop.predictions
+            if self.trainer.is_global_zero and predictions:
+                path = Path(log_dir or self.trainer.default_root_dir) / "predictions.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                outputs = (
+                    torch.cat([p.detach().cpu() for p in predictions]) if _all_tensors(predictions) else predictions
+                )
+                torch.save(outputs, path)
+                shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else len(outputs)
+                print(f"predictions ({shape}) saved to {path}")
 
     return STThreeCLI(
         LightningModule,
@@ -76,9 +142,13 @@ def main(args: list[str] | None = None) -> Any:
     )
 
 
+def _all_tensors(items: list[Any]) -> bool:
+    return all(isinstance(item, torch.Tensor) for item in items)
+
+
 def run() -> None:
-    """Console-script entry point (``stthree``): like :func:`main`, with the exit status of a command."""
-    main(sys.argv[1:])
+    """Console-script entry point (``stthree``)."""
+    main()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -379,6 +379,9 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: Label smoothing of the cross-entropy loss, in [0, 1).
         warmup_fraction: Fraction of the run, in [0, 1), over which the learning rate rises linearly to ``lr``
             before the schedule applies (the authors' ImageNet recipe warms up for 5 of 100 epochs: 0.05).
+        decay_bias_and_norm: Apply ``weight_decay`` to biases and normalisation parameters too (PyTorch's default).
+            ``False`` decays only the weights of multi-dimensional parameters (conv and linear weights), as the
+            authors' code does.
 
     Raises:
         ValueError: If an argument is out of range or ``model`` is unknown.
@@ -406,6 +409,7 @@ class ImageClassifier(pl.LightningModule):
         lr_gamma: float = 0.1,
         label_smoothing: float = 0.0,
         warmup_fraction: float = 0.0,
+        decay_bias_and_norm: bool = True,
     ) -> None:
         super().__init__()
         self.lr_milestones = _check_optimizer_arguments(
@@ -415,6 +419,8 @@ class ImageClassifier(pl.LightningModule):
         _check_int("image_size", image_size, 1)
         _check_number("label_smoothing", label_smoothing, 0.0, 1.0, "[)")
         _check_number("warmup_fraction", warmup_fraction, 0.0, 1.0, "[)")
+        if not isinstance(decay_bias_and_norm, bool):
+            raise TypeError(f"`decay_bias_and_norm` must be True or False, got {decay_bias_and_norm!r}")
         self.save_hyperparameters()
         self.model = _build_model(model, num_classes, in_channels, argument="model")
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
@@ -463,8 +469,16 @@ class ImageClassifier(pl.LightningModule):
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         hparams = self.hparams
+        if hparams.decay_bias_and_norm:
+            groups: Any = self.parameters()
+        else:
+            parameters = [p for p in self.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in parameters if p.ndim > 1]},
+                {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+            ]
         optimizer = torch.optim.SGD(
-            self.parameters(),
+            groups,
             lr=hparams.lr,
             momentum=hparams.momentum,
             nesterov=hparams.nesterov,

@@ -189,6 +189,7 @@ def test_hyperparameters_and_example_input() -> None:
         "lr_gamma": 0.1,
         "label_smoothing": 0.0,
         "warmup_fraction": 0.0,
+        "decay_bias_and_norm": True,
     }
     assert module.example_input_array.shape == (1, 3, 32, 32)
     assert module(module.example_input_array).shape == (1, 10)
@@ -387,3 +388,17 @@ def test_linear_warmup_then_cosine() -> None:
     assert lr_factor_fn("constant", 100, warmup_fraction=0.0)(0) == 1.0
     with pytest.raises(ValueError, match=r"`warmup_fraction`"):
         ImageClassifier(warmup_fraction=1.0)
+
+
+def test_weight_decay_only_on_weights_when_asked() -> None:
+    module = ImageClassifier("resnet20", in_channels=3, image_size=32, decay_bias_and_norm=False, weight_decay=1e-4)
+    module.trainer = pl.Trainer(max_steps=10, logger=False)  # for the schedule's length
+    optimizer = module.configure_optimizers()["optimizer"]
+    decayed, free = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-4
+    assert free["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"])
+    assert all(p.ndim == 1 for p in free["params"])  # biases and batch-norm scales and shifts
+    assert len(decayed["params"]) + len(free["params"]) == len(list(module.parameters()))
+    with pytest.raises(TypeError, match=r"`decay_bias_and_norm` must be True or False, got 'no'"):
+        ImageClassifier(decay_bias_and_norm="no")
