@@ -98,7 +98,8 @@ class ST3PruningCallback(Callback):
     Presets: ST-3 is the default; ST-3 sigma is ``criterion="l1_std"``; plain gradual magnitude pruning (the paper's
     GMP baseline) is ``soft_threshold=False, straight_through=False, rescale=False``.
 
-    Logged with ``pl_module.log`` once per optimizer step (so every Lightning logger gets them): ``st3/sparsity``
+    Logged with ``pl_module.log`` on the optimizer steps where the Trainer writes logs (every ``log_every_n_steps``),
+    so every Lightning logger gets them: ``st3/sparsity``
     (measured fraction of exactly-zero effective weights over all prunable weights, on the progress bar),
     ``st3/target_sparsity`` (the schedule at this step), ``st3/threshold`` (global threshold in use, in score units)
     and, unless ``log_layer_sparsity=False``, ``st3/layer/<module name>/sparsity``.
@@ -433,12 +434,23 @@ class ST3PruningCallback(Callback):
 
     @torch.no_grad()
     def measure_sparsity(self) -> tuple[float, dict[str, float]]:
-        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer."""
+        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer.
+
+        Counted as ``|w| <= t_layer`` on the raw weight, without computing the effective weight: the soft and hard
+        thresholds are exactly zero there and only there (the rescale multiplies by a factor >= 1, so no kept weight
+        becomes zero), so this is the same count in one cheap pass. Layers in the fine-tune phase or made permanent
+        are counted on their effective weight.
+        """
         per_layer: dict[str, float] = {}
         zeros = total = 0
         for name, module in self._layers.items():
-            weight = module.weight
-            layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
+            parametrization = find_st3_parametrization(module)
+            if parametrization is None or parametrization.frozen:
+                weight = module.weight
+                layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
+            else:
+                weight = raw_weight(module)
+                layer_zeros = int(torch.count_nonzero(weight.abs() <= parametrization.threshold.to(weight.dtype)))
             per_layer[name] = layer_zeros / weight.numel()
             zeros += layer_zeros
             total += weight.numel()
@@ -498,6 +510,9 @@ class ST3PruningCallback(Callback):
         return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
+        connector = getattr(pl_module.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return  # as LearningRateMonitor: measure only on the steps the Trainer writes logs (log_every_n_steps)
         sparsity, per_layer = self.measure_sparsity()
         target = self.scheduled_sparsity(step)
         macs = self.measure_macs(per_layer)

@@ -38,14 +38,15 @@ def channel_rescale(weight: Tensor, keep: Tensor) -> Tensor:
     Returns:
         The scale, shaped ``(out_channels, 1, ..., 1)``, in ``weight``'s dtype.
     """
-    magnitude = weight.detach().abs()
-    dims = tuple(range(1, weight.ndim))
-    kept_mean = (magnitude * keep).mean(dim=dims, keepdim=True, dtype=torch.float32)
-    full_mean = magnitude.mean(dim=dims, keepdim=True, dtype=torch.float32)
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    magnitude = rows.abs()
+    count = rows.shape[1]
+    kept_mean = torch.where(keep.reshape(rows.shape), magnitude, 0.0).sum(1, dtype=torch.float32) / count
+    full_mean = magnitude.sum(1, dtype=torch.float32) / count
     ratio = (kept_mean + RESCALE_EPSILON) / (full_mean + RESCALE_EPSILON)
     scale = (1.0 + RESCALE_OFFSET) / (ratio + RESCALE_OFFSET)
     # Mathematically 1 where nothing was pruned; make it exactly 1 so that a dense layer passes through unchanged.
-    scale = torch.where(ratio == 1.0, 1.0, scale)
+    scale = torch.where(ratio == 1.0, 1.0, scale).reshape(-1, *([1] * (weight.ndim - 1)))
     return scale.to(weight.dtype)
 
 
@@ -90,12 +91,52 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
     return out
 
 
+def _rescale_from_sums(full_sum: Tensor, kept_sum: Tensor, count: int, ndim: int, dtype: torch.dtype) -> Tensor:
+    """:func:`channel_rescale` from per-channel sums of ``|w|`` (all, and kept only) over ``count`` entries."""
+    ratio = (kept_sum / count + RESCALE_EPSILON) / (full_sum / count + RESCALE_EPSILON)
+    scale = (1.0 + RESCALE_OFFSET) / (ratio + RESCALE_OFFSET)
+    return torch.where(ratio == 1.0, 1.0, scale).reshape(-1, *([1] * (ndim - 1))).to(dtype)
+
+
+def _effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
+    """:func:`effective_weight`'s value for when no gradient flows through it, with one large allocation.
+
+    On a CPU most of the cost of an elementwise pass over a large weight is allocating its output, so the soft
+    threshold is built in place in the ``|w|`` buffer: ``relu(|w| - t)`` then the sign of ``w``. Pruned entries
+    are (signed) zeros. The rescale's kept sum is ``sum(relu(|w| - t)) + t * #kept`` (equal to ``sum(|w| * m)`` up to
+    float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise unchanged).
+    """
+    if weight.dtype not in (torch.float32, torch.float64):
+        # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
+        return effective_weight(weight, threshold, soft_threshold, rescale)
+    threshold = threshold.to(weight.dtype)
+    if not soft_threshold:
+        magnitude = weight.abs()
+        out = weight.masked_fill(magnitude <= threshold, 0.0)
+        if not rescale:
+            return out
+        rows = magnitude.reshape(weight.shape[0], -1)
+        full_sum = rows.sum(1, dtype=torch.float32)
+        kept_sum = rows.masked_fill_(rows <= threshold, 0.0).sum(1, dtype=torch.float32)
+        return out.mul_(_rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype))
+    out = weight.abs()
+    rows = out.reshape(weight.shape[0], -1)
+    full_sum = rows.sum(1, dtype=torch.float32) if rescale else None
+    out.sub_(threshold).clamp_(min=0)  # relu(|w| - t), in place
+    if rescale:
+        kept = torch.sign(rows).sum(1, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
+        kept_sum = rows.sum(1, dtype=torch.float32) + threshold.float() * kept
+        scale = _rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype)
+    out.copysign_(weight)
+    return out.mul_(scale) if rescale else out
+
+
 class _StraightThroughEffectiveWeight(torch.autograd.Function):
     """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator)."""
 
     @staticmethod
     def forward(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
-        return effective_weight(weight, threshold, soft_threshold, rescale)
+        return _effective_weight_value(weight, threshold, soft_threshold, rescale)
 
     @staticmethod
     def setup_context(ctx: object, inputs: tuple[object, ...], output: Tensor) -> None:

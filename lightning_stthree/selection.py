@@ -33,15 +33,27 @@ _RADIX_BITS = 16
 _RADIX_BUCKETS = 1 << _RADIX_BITS
 
 
-def score_chunks(weight: Tensor, factor: float = 1.0) -> Iterator[Tensor]:
+def score_chunks(weight: Tensor, factor: float = 1.0, buffer: Tensor | None = None) -> Iterator[Tensor]:
     """Float32 pruning scores ``|w| * factor`` of ``weight``, flattened, in chunks of at most :data:`CHUNK_SIZE`.
 
     Computed as ``weight.abs().float() * factor`` chunk by chunk: bitwise the same values as on the whole tensor.
+    With a float32 ``buffer`` of at least ``CHUNK_SIZE`` elements, the chunks are written into it (each chunk is only
+    valid until the next one is produced): on a CPU, filling reused memory is several times faster than allocating.
     """
     flat = weight.detach().reshape(-1)
     for start in range(0, flat.numel(), CHUNK_SIZE):
-        scores = flat[start : start + CHUNK_SIZE].abs().float()
+        part = flat[start : start + CHUNK_SIZE]
+        if buffer is None:
+            scores = part.abs().float()
+        else:
+            scores = buffer[: part.numel()]
+            torch.abs(part, out=scores) if part.dtype == torch.float32 else scores.copy_(part).abs_()
         yield scores if factor == 1.0 else scores.mul_(factor)
+
+
+def _score_buffer(weights: Sequence[Tensor]) -> Tensor:
+    size = min(CHUNK_SIZE, max(w.numel() for w in weights))
+    return torch.empty(size, dtype=torch.float32, device=weights[0].device)
 
 
 def _first_reaching(cumulative: Tensor, goal: float) -> int:
@@ -58,9 +70,10 @@ def _select_near_pivot(
     below = torch.zeros((), dtype=torch.float64, device=device)
     candidates: list[Tensor] = []
     candidate_shares: list[Tensor] = []
+    buffer = _score_buffer(weights)
     for weight, factor, share in zip(weights, factors, shares, strict=True):
-        for scores in score_chunks(weight, factor):
-            below += (scores <= low).sum().double() * share
+        for scores in score_chunks(weight, factor, buffer):
+            below += torch.count_nonzero(scores <= low).double() * share
             inside = scores[(scores > low) & (scores <= high)]
             candidates.append(inside)
             candidate_shares.append(torch.full(inside.shape, share, dtype=torch.float64, device=device))
@@ -81,11 +94,12 @@ def _select_near_pivot(
 def _radix_select(weights: Sequence[Tensor], factors: Sequence[float], shares: Sequence[float], goal: float) -> Tensor:
     """The answer by a two-pass radix selection over the scores' float32 bit patterns."""
     device = weights[0].device
+    buffer = _score_buffer(weights)
 
     def histogram(bucket: int | None) -> Tensor:
         counts = torch.zeros(_RADIX_BUCKETS, dtype=torch.float64, device=device)
         for weight, factor, share in zip(weights, factors, shares, strict=True):
-            for scores in score_chunks(weight, factor):
+            for scores in score_chunks(weight, factor, buffer):
                 keys = scores.view(torch.int32)
                 if bucket is None:
                     keys = keys >> _RADIX_BITS

@@ -225,3 +225,31 @@ def test_fit_twice_with_the_same_callback_does_not_register_twice() -> None:
     assert len(model.fc.parametrizations.weight) == 1
     assert isinstance(model.fc.parametrizations.weight[0], SoftThresholdParametrization)
     assert cb.last_update_step == 8
+
+
+def test_measured_sparsity_counts_the_zeros_of_the_effective_weights() -> None:
+    seen: list[tuple[float, float]] = []
+
+    class Check(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # type: ignore[no-untyped-def]
+            (cb,) = (c for c in trainer.callbacks if isinstance(c, ST3PruningCallback))
+            with torch.no_grad():
+                zeros = sum(int((m.weight == 0).sum()) for m in cb.layers.values())
+            seen.append((cb.measure_sparsity()[0], zeros / sum(m.weight.numel() for m in cb.layers.values())))
+
+    for soft_threshold in (True, False):
+        seen.clear()
+        cb = ST3PruningCallback(0.9, start=0, end=4, soft_threshold=soft_threshold)
+        quiet_trainer(max_steps=6, callbacks=[cb, Check()]).fit(TinyNet(), random_loader(6))
+        assert len(seen) == 6
+        for measured, counted in seen:
+            assert measured == counted
+
+
+def test_metrics_are_measured_on_logging_steps_only(tmp_path: Path) -> None:
+    cb = ST3PruningCallback(0.9, start=0, end=8)
+    quiet_trainer(tmp_path, max_steps=12, log_every_n_steps=5, callbacks=[cb]).fit(TinyNet(), random_loader(12))
+    logged = sorted(step for step, row in read_metrics(tmp_path).items() if "st3/sparsity" in row)
+    assert logged == [4, 9]  # Lightning writes logs when (step + 1) % log_every_n_steps == 0
+    assert [h["step"] for h in cb.history] == [4, 9]
+    assert cb.last_update_step == 12  # the threshold itself is still recomputed every step

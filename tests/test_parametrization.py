@@ -125,3 +125,27 @@ def test_weight_exactly_at_the_threshold_is_pruned_and_gets_no_gradient_without_
     assert out[0, :2].eq(0).all()
     out.sum().backward()
     assert torch.equal(weight.grad, torch.tensor([[0.0, 0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_straight_through_forward_matches_the_reference(
+    dtype: torch.dtype, soft_threshold: bool, rescale: bool
+) -> None:
+    # The straight-through forward is computed in place, with fewer kernels: same zeros, same values up to rounding
+    # of the rescale's sums, and bitwise the identity at threshold 0.
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(16, 3, 3, 3), (10, 64), (4, 2, 5)]:
+        w = torch.randn(shape, generator=generator).to(dtype)
+        param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=True, rescale=rescale)
+        for t in (0.0, 0.3, 0.8):
+            param.threshold.fill_(t)
+            got = param(w)
+            expected = effective_weight(w, torch.tensor(t), soft_threshold, rescale)
+            assert got.dtype == dtype
+            assert torch.equal(got == 0, expected == 0)
+            tolerance = {"rtol": 1e-6, "atol": 0} if dtype in (torch.float32, torch.float64) else {}
+            torch.testing.assert_close(got, expected, **tolerance)
+            if t == 0.0:
+                assert torch.equal(got, w)
