@@ -6,15 +6,17 @@ The weights are random float32 tensors with the shapes of a real model of each s
 GPT-2 small, and 1B weights as 64 tensors of 16M). `sort` and `kthvalue` run on the concatenated scores, as the
 authors' code and the simple O(N) alternative do; `package (no pivot)` is the first update of a run (radix selection),
 `package (pivot)` a later one (the previous threshold, here the k-th value of slightly different weights, is the
-pivot). Every result is checked bitwise against kthvalue where kthvalue ran. Peak extra memory is the peak resident
-set size above the resident size before the call (Linux `/proc/self/status`, VmHWM reset through
-`/proc/self/clear_refs`); time is the median of `--repeats` runs.
+pivot, searched in the callback's window). Every result is checked bitwise against kthvalue where kthvalue ran.
+Peak extra memory is the peak resident set size above the resident size before the call (Linux `/proc/self/status`,
+VmHWM reset through `/proc/self/clear_refs`, after `malloc_trim` returned freed heap memory to the OS); time is the
+median of `--repeats` runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lightning_stthree.callback import MIN_PIVOT_WINDOW
+from lightning_stthree.selection import PIVOT_WINDOW
 from lightning_stthree.threshold import global_threshold, num_pruned
 
 GPT2_SMALL = [(50257, 768), (1024, 768)] + [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
@@ -60,11 +64,18 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so that the next call's allocations show in the resident size."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def measure(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, torch.Tensor]:
     """Median seconds, peak extra memory in GB, result."""
     times, peaks, result = [], [], None
     for _ in range(repeats):
         gc.collect()
+        _release_free_memory()
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
         before = _rss_kb("VmRSS:")
@@ -108,10 +119,13 @@ def main() -> None:
         if n <= args.sort_max:
             methods["sort"] = lambda weights=weights, k=k: sort_threshold(weights, k)
         methods["package (no pivot)"] = lambda weights=weights: global_threshold(weights, args.sparsity)
-        # A later step: the previous threshold is that of the weights before one small update.
+        # A later step: the previous threshold is that of the weights before one small update, and the window is the
+        # callback's: twice the threshold's last relative move, within [MIN_PIVOT_WINDOW, PIVOT_WINDOW].
         previous = global_threshold([w * 1.001 for w in weights[:1]] + weights[1:], args.sparsity).item()
-        methods["package (pivot)"] = lambda weights=weights, p=previous: global_threshold(
-            weights, args.sparsity, pivot=p
+        now = global_threshold(weights, args.sparsity).item()
+        window = min(max(2 * abs(now - previous) / previous, MIN_PIVOT_WINDOW), PIVOT_WINDOW)
+        methods["package (pivot)"] = lambda weights=weights, p=previous, w=window: global_threshold(
+            weights, args.sparsity, pivot=p, window=w
         )
         for method, fn in methods.items():
             seconds, peak_gb, result = measure(fn, args.repeats)

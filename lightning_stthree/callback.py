@@ -37,6 +37,7 @@ from lightning_stthree.parametrization import (
 from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
 from lightning_stthree.report import format_report, report_cells, sparsity_report
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
+from lightning_stthree.selection import PIVOT_WINDOW
 from lightning_stthree.threshold import (
     CRITERIA,
     Criterion,
@@ -48,6 +49,8 @@ from lightning_stthree.threshold import (
 log = logging.getLogger(__name__)
 
 StepSpec = int | float
+# Narrowest window searched around the previous threshold, relative to it.
+MIN_PIVOT_WINDOW = 1e-3
 BUDGETS: tuple[str, ...] = ("params", "flops")
 
 
@@ -251,6 +254,7 @@ class ST3PruningCallback(Callback):
         self._freeze_step: int | None = None
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
         self._last_logged_step = -1
+        self._last_relative_move = PIVOT_WINDOW  # of the global threshold at the last update, relative
         self._plain_before_stage: list[nn.Module] = []  # see `setup`
         self._layer_macs: dict[str, float] = {}  # dense MACs per sample of every Linear/Conv layer, by name
         self._other_layers: dict[str, nn.Module] = {}  # Linear/Conv layers counted in MACs but not pruned here
@@ -419,12 +423,17 @@ class ST3PruningCallback(Callback):
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
-        pivot = self.threshold if self.threshold > 0 else None  # the threshold moves little from step to step
+        # The threshold moves little from step to step: search first around the last one, in a window twice as wide
+        # as its last relative move (so that the few weights inside are cheap to sort).
+        pivot = self.threshold if self.threshold > 0 else None
+        window = min(max(2.0 * self._last_relative_move, MIN_PIVOT_WINDOW), PIVOT_WINDOW)
         if self.budget == "flops":
             shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
-            threshold = weighted_global_threshold(weights, shares, sparsity, self.criterion, pivot)
+            threshold = weighted_global_threshold(weights, shares, sparsity, self.criterion, pivot, window)
         else:
-            threshold = global_threshold(weights, sparsity, self.criterion, pivot)
+            threshold = global_threshold(weights, sparsity, self.criterion, pivot, window)
+        if pivot is not None:
+            self._last_relative_move = abs(float(threshold) - pivot) / pivot
         for module in self._layers.values():
             factor = layer_score_factor(raw_weight(module).shape, self.criterion)
             find_st3_parametrization(module).threshold.copy_(threshold / factor)

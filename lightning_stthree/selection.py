@@ -26,7 +26,8 @@ from torch import Tensor
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
-# Half-width of the window around the previous threshold, relative to it.
+# Default half-width of the window around the previous threshold, relative to it (callers that know how much the
+# threshold moved lately pass a tighter one: fewer candidates to sort).
 PIVOT_WINDOW = 0.02
 
 _RADIX_BITS = 16
@@ -62,10 +63,15 @@ def _first_reaching(cumulative: Tensor, goal: float) -> int:
 
 
 def _select_near_pivot(
-    weights: Sequence[Tensor], factors: Sequence[float], shares: Sequence[float], goal: float, pivot: float
+    weights: Sequence[Tensor],
+    factors: Sequence[float],
+    shares: Sequence[float],
+    goal: float,
+    pivot: float,
+    window: float,
 ) -> Tensor | None:
-    """The answer if it lies within ``PIVOT_WINDOW`` of ``pivot`` (one pass, then a sort of the few candidates)."""
-    low, high = pivot * (1.0 - PIVOT_WINDOW), pivot * (1.0 + PIVOT_WINDOW)
+    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a sort of the candidates)."""
+    low, high = pivot * (1.0 - window), pivot * (1.0 + window)
     device = weights[0].device
     below = torch.zeros((), dtype=torch.float64, device=device)
     candidates: list[Tensor] = []
@@ -127,6 +133,7 @@ def select_threshold(
     shares: Sequence[float],
     goal: float,
     pivot: float | None = None,
+    window: float = PIVOT_WINDOW,
 ) -> Tensor:
     r"""Smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \cdot \#\{|w| f_i \le t,\ w \in \mathrm{weights}_i\}
     \ge \mathrm{goal}`.
@@ -137,12 +144,13 @@ def select_threshold(
         shares: What each weight of the tensor counts toward ``goal`` (1 to count weights).
         goal: Must be ``> 0``; a goal above the total gives the largest score.
         pivot: The previous threshold, if any: tried first as described in the module docstring.
+        window: Half-width of the window around ``pivot``, relative to it, in ``(0, 1)``.
 
     Returns:
         A 0-dim float32 tensor on the weights' device, equal to one of the scores.
     """
     if pivot is not None and math.isfinite(pivot) and pivot > 0:
-        near = _select_near_pivot(weights, factors, shares, goal, pivot)
+        near = _select_near_pivot(weights, factors, shares, goal, pivot, window)
         if near is not None:
             return near
     return _radix_select(weights, factors, shares, goal)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.selection import select_threshold
+from lightning_stthree.selection import PIVOT_WINDOW, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -55,7 +55,11 @@ def num_pruned(sparsity: float, num_weights: int) -> int:
 
 @torch.no_grad()
 def global_threshold(
-    weights: Sequence[Tensor], sparsity: float, criterion: Criterion = "l1", pivot: float | None = None
+    weights: Sequence[Tensor],
+    sparsity: float,
+    criterion: Criterion = "l1",
+    pivot: float | None = None,
+    window: float = PIVOT_WINDOW,
 ) -> Tensor:
     """The global threshold ``t`` that prunes a fraction ``sparsity`` of all scores of ``weights``.
 
@@ -71,6 +75,7 @@ def global_threshold(
         sparsity: The fraction of all weights to prune, in ``[0, 1]``.
         criterion: ``"l1"`` (ST-3) or ``"l1_std"`` (ST-3 sigma).
         pivot: The previous threshold (in score units), if any.
+        window: Half-width of the window searched around ``pivot`` first, relative to it.
 
     Returns:
         A 0-dim float32 tensor on the weights' device, in score units (divide by ``layer_score_factor`` per layer).
@@ -91,7 +96,7 @@ def global_threshold(
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
-    return select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot)
+    return select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window)
 
 
 @torch.no_grad()
@@ -101,6 +106,7 @@ def weighted_global_threshold(
     fraction: float,
     criterion: Criterion = "l1",
     pivot: float | None = None,
+    window: float = PIVOT_WINDOW,
 ) -> Tensor:
     r"""Smallest score ``t`` such that pruning every weight with score ``<= t`` removes ``fraction`` of the total share.
 
@@ -117,6 +123,7 @@ def weighted_global_threshold(
         fraction: The fraction of the total share to prune, in ``[0, 1]``.
         criterion: ``"l1"`` or ``"l1_std"``, as for :func:`global_threshold`.
         pivot: The previous threshold (in score units), if any.
+        window: Half-width of the window searched around ``pivot`` first, relative to it.
 
     Returns:
         A 0-dim float32 tensor in score units; ``0`` when the goal is 0 (nothing pruned).
@@ -134,4 +141,4 @@ def weighted_global_threshold(
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
-    return select_threshold(weights, factors, shares, goal, pivot)
+    return select_threshold(weights, factors, shares, goal, pivot, window)
