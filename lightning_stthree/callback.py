@@ -101,8 +101,7 @@ class ST3PruningCallback(Callback):
     Presets: ST-3 is the default; ST-3 sigma is ``criterion="l1_std"``; plain gradual magnitude pruning (the paper's
     GMP baseline) is ``soft_threshold=False, straight_through=False, rescale=False``.
 
-    Logged with ``pl_module.log`` on the optimizer steps where the Trainer writes logs (every ``log_every_n_steps``),
-    so every Lightning logger gets them: ``st3/sparsity``
+    Logged with ``pl_module.log`` once per optimizer step (so every Lightning logger gets them): ``st3/sparsity``
     (measured fraction of exactly-zero effective weights over all prunable weights, on the progress bar),
     ``st3/target_sparsity`` (the schedule at this step), ``st3/threshold`` (global threshold in use, in score units)
     and, unless ``log_layer_sparsity=False``, ``st3/layer/<module name>/sparsity``.
@@ -519,9 +518,6 @@ class ST3PruningCallback(Callback):
         return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
-        connector = getattr(pl_module.trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
-            return  # as LearningRateMonitor: measure only on the steps the Trainer writes logs (log_every_n_steps)
         sparsity, per_layer = self.measure_sparsity()
         target = self.scheduled_sparsity(step)
         macs = self.measure_macs(per_layer)

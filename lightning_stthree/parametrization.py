@@ -8,6 +8,7 @@ only holds the per-layer threshold buffer and chooses the gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -110,25 +111,26 @@ def _effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: b
         # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
         return effective_weight(weight, threshold, soft_threshold, rescale)
     threshold = threshold.to(weight.dtype)
+    dims = tuple(range(1, weight.ndim))  # reductions over dims, not a reshape: weights may be non-contiguous
     if not soft_threshold:
         magnitude = weight.abs()
         out = weight.masked_fill(magnitude <= threshold, 0.0)
         if not rescale:
             return out
-        rows = magnitude.reshape(weight.shape[0], -1)
-        full_sum = rows.sum(1, dtype=torch.float32)
-        kept_sum = rows.masked_fill_(rows <= threshold, 0.0).sum(1, dtype=torch.float32)
-        return out.mul_(_rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype))
+        full_sum = magnitude.sum(dims, dtype=torch.float32)
+        kept_sum = magnitude.masked_fill_(magnitude <= threshold, 0.0).sum(dims, dtype=torch.float32)
+        return out.mul_(_rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype))
     out = weight.abs()
-    rows = out.reshape(weight.shape[0], -1)
-    full_sum = rows.sum(1, dtype=torch.float32) if rescale else None
+    full_sum = out.sum(dims, dtype=torch.float32) if rescale else None
     out.sub_(threshold).clamp_(min=0)  # relu(|w| - t), in place
     if rescale:
-        kept = torch.sign(rows).sum(1, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
-        kept_sum = rows.sum(1, dtype=torch.float32) + threshold.float() * kept
-        scale = _rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype)
+        kept = torch.sign(out).sum(dims, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
+        kept_sum = out.sum(dims, dtype=torch.float32) + threshold.float() * kept
+        scale = _rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype)
     out.copysign_(weight)
-    return out.mul_(scale) if rescale else out
+    if rescale:
+        out.mul_(scale)
+    return out.add_(0.0)  # -0.0 + 0.0 = +0.0: pruned entries are +0.0, as in the reference
 
 
 class _StraightThroughEffectiveWeight(torch.autograd.Function):

@@ -244,12 +244,3 @@ def test_measured_sparsity_counts_the_zeros_of_the_effective_weights() -> None:
         assert len(seen) == 6
         for measured, counted in seen:
             assert measured == counted
-
-
-def test_metrics_are_measured_on_logging_steps_only(tmp_path: Path) -> None:
-    cb = ST3PruningCallback(0.9, start=0, end=8)
-    quiet_trainer(tmp_path, max_steps=12, log_every_n_steps=5, callbacks=[cb]).fit(TinyNet(), random_loader(12))
-    logged = sorted(step for step, row in read_metrics(tmp_path).items() if "st3/sparsity" in row)
-    assert logged == [4, 9]  # Lightning writes logs when (step + 1) % log_every_n_steps == 0
-    assert [h["step"] for h in cb.history] == [4, 9]
-    assert cb.last_update_step == 12  # the threshold itself is still recomputed every step

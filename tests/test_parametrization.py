@@ -149,3 +149,20 @@ def test_straight_through_forward_matches_the_reference(
             torch.testing.assert_close(got, expected, **tolerance)
             if t == 0.0:
                 assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "contiguous"])
+def test_straight_through_forward_on_non_contiguous_weights(soft_threshold: bool, layout: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 3, 3, 3, generator=generator)
+    if layout == "channels_last":
+        w = w.to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        w = torch.randn(4, 5, 3, generator=generator).transpose(1, 2)
+    param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=True, rescale=True)
+    param.threshold.fill_(0.5)
+    got = param(w)
+    expected = effective_weight(w.contiguous(), torch.tensor(0.5), soft_threshold, rescale=True)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    assert not torch.signbit(got[got == 0]).any()  # pruned entries are +0.0, as in the reference
