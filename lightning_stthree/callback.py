@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_stthree._checks import check_bool
 from lightning_stthree.export import make_permanent
 from lightning_stthree.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
@@ -68,11 +69,6 @@ def _check_step_spec(name: str, value: object) -> None:
             f"`{name}` as a float is a fraction of the run and must be in [0, 1], got {value}; "
             "pass an int for a number of optimizer steps"
         )
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
 class ST3PruningCallback(Callback):
@@ -201,7 +197,7 @@ class ST3PruningCallback(Callback):
             ("report", report),
             ("save_plots", save_plots),
         ):
-            _check_bool(name, flag)
+            check_bool(name, flag)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"`update_every` must be an int >= 1 (optimizer steps), got {update_every!r}")
         if budget not in BUDGETS:

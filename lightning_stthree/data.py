@@ -36,6 +36,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_stthree._checks import check_bool
+
 # Where Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``) puts the files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -69,11 +71,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise TypeError(message)
     if value < minimum:
         raise ValueError(message)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}")
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> torch.Tensor:
@@ -472,7 +469,7 @@ class _IDXDataModule(ImageDataModule):
         if data_dir is not None and not isinstance(data_dir, (str, Path)):
             raise TypeError(f"`data_dir` must be a path or None, got {data_dir!r}")
         _check_int("val_size", val_size, 0)
-        _check_bool("augment", augment)
+        check_bool("augment", augment)
         self.data_dir = data_dir
         self.val_size = val_size
         self.augment = augment
@@ -688,7 +685,7 @@ class _CIFARDataModule(ImageDataModule):
         if not isinstance(data_dir, (str, Path)):
             raise TypeError(f"`data_dir` must be a path, got {data_dir!r}")
         _check_int("val_size", val_size, 0)
-        _check_bool("augment", augment)
+        check_bool("augment", augment)
         self.data_dir = data_dir
         self.val_size = val_size
         self.augment = augment

@@ -30,6 +30,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_stthree._checks import check_bool
+
 LRSchedule = Literal["cosine", "step", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
 # Step decay at 50% and 75% of training: the CIFAR recipe of He et al. 2016 (32k and 48k of 64k iterations).
@@ -419,8 +421,7 @@ class ImageClassifier(pl.LightningModule):
         _check_int("image_size", image_size, 1)
         _check_number("label_smoothing", label_smoothing, 0.0, 1.0, "[)")
         _check_number("warmup_fraction", warmup_fraction, 0.0, 1.0, "[)")
-        if not isinstance(decay_bias_and_norm, bool):
-            raise TypeError(f"`decay_bias_and_norm` must be True or False, got {decay_bias_and_norm!r}")
+        check_bool("decay_bias_and_norm", decay_bias_and_norm)
         self.save_hyperparameters()
         self.model = _build_model(model, num_classes, in_channels, argument="model")
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
@@ -518,8 +519,7 @@ def _check_optimizer_arguments(
     _check_number("momentum", momentum, 0.0, 1.0, "[)")
     _check_number("weight_decay", weight_decay, 0.0, math.inf, "[)")
     _check_number("lr_gamma", lr_gamma, 0.0, 1.0, "(]")
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"`nesterov` must be True or False, got {nesterov!r}")
+    check_bool("nesterov", nesterov)
     if nesterov and momentum == 0:
         raise ValueError("`nesterov=True` needs `momentum` > 0, got momentum=0")
     if lr_schedule not in LR_SCHEDULES:

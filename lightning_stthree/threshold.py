@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.selection import PIVOT_WINDOW, select_threshold
+from lightning_stthree.selection import PIVOT_WINDOW, score_chunks, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -42,10 +42,8 @@ def layer_score_factor(shape: Sequence[int], criterion: Criterion) -> float:
 
 
 def pruning_scores(weight: Tensor, criterion: Criterion) -> Tensor:
-    """Flat float32 pruning scores of one weight tensor (``|w| * layer_score_factor``)."""
-    magnitude = weight.detach().abs().flatten().float()
-    factor = layer_score_factor(weight.shape, criterion)
-    return magnitude if factor == 1.0 else magnitude * factor
+    """Flat float32 pruning scores of one weight tensor (``|w| * layer_score_factor``), as the selection sees them."""
+    return torch.cat(list(score_chunks(weight, layer_score_factor(weight.shape, criterion))))
 
 
 def num_pruned(sparsity: float, num_weights: int) -> int:
