@@ -1,6 +1,6 @@
-"""lightning-stthree: sparse training with ST-3 (arXiv:2212.01076) as a PyTorch Lightning callback."""
+"""lightning-stthree: sparse training with ST-3 (arXiv:2212.01076), and STR to compare, as Lightning callbacks."""
 
-from lightning_stthree.callback import ST3PruningCallback
+from lightning_stthree.callback import ST3PruningCallback, STRPruningCallback
 from lightning_stthree.export import load_sparse_weights, make_permanent, sparse_state_dict
 from lightning_stthree.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers
@@ -13,6 +13,8 @@ from lightning_stthree.parametrization import (
 )
 from lightning_stthree.report import format_report, sparsity_report
 from lightning_stthree.schedule import cubic_sparsity, resolve_step
+from lightning_stthree.sparse_callback import SparseTrainingCallback
+from lightning_stthree.str_pruning import STRParametrization, register_str_parametrization, str_effective_weight
 from lightning_stthree.threshold import (
     global_threshold,
     layer_score_factor,
@@ -24,7 +26,10 @@ from lightning_stthree.threshold import (
 __all__ = [
     "PRUNABLE_TYPES",
     "ST3PruningCallback",
+    "STRParametrization",
+    "STRPruningCallback",
     "SoftThresholdParametrization",
+    "SparseTrainingCallback",
     "channel_rescale",
     "cubic_sparsity",
     "effective_weight",
@@ -38,11 +43,13 @@ __all__ = [
     "num_pruned",
     "pruning_scores",
     "register_st3_parametrization",
+    "register_str_parametrization",
     "remove_st3_parametrization",
     "resolve_step",
     "sparse_macs",
     "sparse_state_dict",
     "sparsity_report",
+    "str_effective_weight",
     "weighted_global_threshold",
 ]
 

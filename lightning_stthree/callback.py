@@ -1,44 +1,35 @@
-"""``ST3PruningCallback``: Lightning wiring of ST-3 (arXiv:2212.01076).
+"""``ST3PruningCallback`` and ``STRPruningCallback``: Lightning wiring of ST-3 (arXiv:2212.01076) and STR.
 
-The maths lives in :mod:`~lightning_stthree.schedule`, :mod:`~lightning_stthree.threshold` and
-:mod:`~lightning_stthree.parametrization`; this module only connects it to the Trainer's hooks.
+The maths lives in :mod:`~lightning_stthree.schedule`, :mod:`~lightning_stthree.threshold`,
+:mod:`~lightning_stthree.parametrization` and :mod:`~lightning_stthree.str_pruning`; what both methods share with
+Lightning is in :mod:`~lightning_stthree.sparse_callback`; this module only adds each method's hooks.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
-from lightning_stthree.export import make_permanent
-from lightning_stthree.flops import measure_layer_macs, sparse_macs
-from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
 from lightning_stthree.parametrization import (
-    RAW_WEIGHT_KEY,
     SoftThresholdParametrization,
+    find_sparse_parametrization,
     find_st3_parametrization,
     raw_weight,
     register_st3_parametrization,
-    remove_st3_parametrization,
 )
-from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
-from lightning_stthree.report import format_report, report_cells, sparsity_report
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
 from lightning_stthree.selection import PIVOT_WINDOW
+from lightning_stthree.sparse_callback import SparseTrainingCallback
+from lightning_stthree.str_pruning import STRParametrization, register_str_parametrization
 from lightning_stthree.threshold import (
     CRITERIA,
     Criterion,
@@ -71,7 +62,7 @@ def _check_step_spec(name: str, value: object) -> None:
         )
 
 
-class ST3PruningCallback(Callback):
+class ST3PruningCallback(SparseTrainingCallback):
     r"""Sparse training with ST-3: soft threshold, straight-through gradients, one global threshold per step.
 
     From ``arXiv:2212.01076`` (Vanderschueren & De Vleeschouwer, WACV 2023). At setup, the ``weight`` of every
@@ -150,6 +141,9 @@ class ST3PruningCallback(Callback):
         trainer.fit(model)
     """
 
+    log_prefix = "st3"
+    method_name = "ST-3"
+
     def __init__(
         self,
         target_sparsity: float = 0.9,
@@ -192,31 +186,21 @@ class ST3PruningCallback(Callback):
             ("soft_threshold", soft_threshold),
             ("straight_through", straight_through),
             ("rescale", rescale),
-            ("log_layer_sparsity", log_layer_sparsity),
-            ("make_permanent_at_end", make_permanent_at_end),
-            ("report", report),
-            ("save_plots", save_plots),
         ):
             check_bool(name, flag)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"`update_every` must be an int >= 1 (optimizer steps), got {update_every!r}")
         if budget not in BUDGETS:
             raise ValueError(f"`budget` must be one of {BUDGETS}, got {budget!r}")
-        if input_shape is not None and (
-            isinstance(input_shape, str)
-            or len(input_shape) == 0
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
-        ):
-            raise ValueError(
-                f"`input_shape` must be a list of positive ints, batch dimension first (e.g. [1, 3, 224, 224]), "
-                f"got {input_shape!r}"
-            )
-        if save_plots:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as err:
-                raise ImportError(f"`save_plots=True`: {INSTALL_HINT}") from err
-
+        super().__init__(
+            include_types=include_types,
+            exclude=exclude,
+            log_layer_sparsity=log_layer_sparsity,
+            make_permanent_at_end=make_permanent_at_end,
+            input_shape=input_shape,
+            report=report,
+            save_plots=save_plots,
+        )
         self.target_sparsity = float(target_sparsity)
         self.start = start
         self.end = end
@@ -226,33 +210,19 @@ class ST3PruningCallback(Callback):
         self.straight_through = straight_through
         self.rescale = rescale
         self.update_every = update_every
-        self.include_types = validate_include_types(list(PRUNABLE_TYPES) if include_types is None else include_types)
-        self.exclude = validate_exclude([] if exclude is None else exclude)
-        self.log_layer_sparsity = log_layer_sparsity
         self.freeze_at = freeze_at
-        self.make_permanent_at_end = make_permanent_at_end
         self.budget = budget
-        self.input_shape = None if input_shape is None else list(input_shape)
-        self.report = report
-        self.save_plots = save_plots
-        # One record per logged step of the current run in this process (not checkpointed): the sparsity plot's data.
-        self.history: list[dict[str, float]] = []
 
         # Run state: plain Python, saved in checkpoints (see `state_dict`).
         self.sparsity = 0.0  # scheduled sparsity at the last threshold update
         self.threshold = 0.0  # global threshold at the last update, in score units
         self.last_update_step = -1
-        # Derived at setup / train start, not saved.
-        self._layers: dict[str, nn.Module] = {}
+        # Derived at train start, not saved.
         self._start_step: int | None = None
         self._end_step: int | None = None
         self._freeze_step: int | None = None
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
-        self._last_logged_step = -1
         self._last_relative_move = PIVOT_WINDOW  # of the global threshold at the last update, relative
-        self._plain_before_stage: list[nn.Module] = []  # see `setup`
-        self._layer_macs: dict[str, float] = {}  # dense MACs per sample of every Linear/Conv layer, by name
-        self._other_layers: dict[str, nn.Module] = {}  # Linear/Conv layers counted in MACs but not pruned here
 
     @property
     @override
@@ -265,54 +235,24 @@ class ST3PruningCallback(Callback):
         )
 
     @property
-    def layers(self) -> dict[str, nn.Module]:
-        """The modules this callback prunes, by module name (empty before setup)."""
-        return dict(self._layers)
-
-    @property
     def frozen(self) -> bool:
         """Whether the fine-tune phase (fixed mask) has started."""
         return any(p.frozen for p in self._parametrizations())
 
+    @override
+    def _register(self, module: nn.Module) -> SoftThresholdParametrization:
+        return register_st3_parametrization(module, self.soft_threshold, self.straight_through, self.rescale)
+
+    @override
+    def _check_fit_setup(self, trainer: pl.Trainer) -> None:
+        self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
+
+    @property
+    @override
+    def _macs_required(self) -> bool:
+        return self.budget == "flops"
+
     # ------------------------------------------------------------------ hooks
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
-        else:
-            # validate/test/predict attach too, so that an ST-3 `ckpt_path` loads; layers that were plain before
-            # (e.g. made permanent) are made plain again in `teardown`, holding the effective weights.
-            self._plain_before_stage = [m for m in pl_module.modules() if find_st3_parametrization(m) is None]
-        # Lightning runs the callbacks' `setup`, then the module's `setup`, then `configure_model`, then restores a
-        # checkpoint and wraps the model (DDP). Attach to the layers that exist now (so callbacks after this one that
-        # copy the model in their `setup`, like StochasticWeightAveraging, copy it parametrized), and again after the
-        # last hook that may build layers, before the restore.
-        self._attach(trainer, pl_module, final=False)
-        hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
-        self._run_after(pl_module, hook, lambda: self._attach(trainer, pl_module, final=True))
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._restore_module(pl_module)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning skips `teardown` when a run fails or is interrupted: undo the module changes all the same.
-        self._restore_module(pl_module)
-
-    def _restore_module(self, pl_module: pl.LightningModule) -> None:
-        """Remove the hook wrappers of `setup` and make layers that came into a non-fit stage plain again."""
-        for hook in ("setup", "configure_model"):
-            if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
-                delattr(pl_module, hook)
-        for module in self._plain_before_stage:
-            remove_st3_parametrization(module)
-        self._plain_before_stage = []
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._measure_macs(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -363,33 +303,6 @@ class ST3PruningCallback(Callback):
         self._bring_threshold_up_to_date(trainer.global_step)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
-        directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
-        if trainer.is_global_zero and (self.report or self.save_plots):
-            rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
-            if self.report:
-                self._print_report(trainer, rows)
-            if directory is not None:
-                self._save_plots(trainer, rows, directory)
-        if self.make_permanent_at_end:
-            make_permanent(pl_module)
-
-    @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
-        # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
-        if trainer.state.fn == "fit" and not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint["state_dict"]):
-            raise MisconfigurationException(
-                "`ckpt_path` points to a checkpoint of a run without ST-3; its optimizer state cannot be resumed with "
-                "ST3PruningCallback (the parametrizations change the order of the parameters). HINT: load its weights "
-                "(`model.load_state_dict(torch.load(path)['state_dict'])` or `Model.load_from_checkpoint(path)`) and "
-                "call `trainer.fit(model)` without `ckpt_path` to sparsify a pretrained model."
-            )
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "sparsity": self.sparsity,
@@ -436,30 +349,6 @@ class ST3PruningCallback(Callback):
         self.threshold = float(threshold)
         self.last_update_step = step
 
-    @torch.no_grad()
-    def measure_sparsity(self) -> tuple[float, dict[str, float]]:
-        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer.
-
-        Counted as ``|w| <= t_layer`` on the raw weight, without computing the effective weight: the soft and hard
-        thresholds are exactly zero there and only there (the rescale multiplies by a factor >= 1, so no kept weight
-        becomes zero), so this is the same count in one cheap pass. Layers in the fine-tune phase or made permanent
-        are counted on their effective weight.
-        """
-        per_layer: dict[str, float] = {}
-        zeros = total = 0
-        for name, module in self._layers.items():
-            parametrization = find_st3_parametrization(module)
-            if parametrization is None or parametrization.frozen:
-                weight = module.weight
-                layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
-            else:
-                weight = raw_weight(module)
-                layer_zeros = int(torch.count_nonzero(weight.abs() <= parametrization.threshold.to(weight.dtype)))
-            per_layer[name] = layer_zeros / weight.numel()
-            zeros += layer_zeros
-            total += weight.numel()
-        return zeros / total, per_layer
-
     def _bring_threshold_up_to_date(self, step: int) -> None:
         if not self.frozen and self._start_step is not None and step != self.last_update_step:
             self.update_threshold(step)
@@ -493,163 +382,9 @@ class ST3PruningCallback(Callback):
             if mask is not None:
                 raw_weight(module).masked_fill_(~mask, 0.0)
 
-    def _parametrizations(self) -> list[SoftThresholdParametrization]:
-        found = (find_st3_parametrization(m) for m in self._layers.values())
-        return [p for p in found if p is not None]
-
-    @torch.no_grad()
-    def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
-        """Dense and sparse MACs per sample over all Linear/Conv layers, and their ratio (empty if not measured).
-
-        Layers this callback does not prune count with their own (usually full) density.
-        """
-        if not self._layer_macs:
-            return {}
-        sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
-        densities = {name: 1.0 - value for name, value in sparsity.items()}
-        for name, module in self._other_layers.items():
-            densities[name] = int(torch.count_nonzero(module.weight)) / module.weight.numel()
-        dense = sum(self._layer_macs.values())
-        sparse = sparse_macs(self._layer_macs, densities)
-        return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
-
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
-        sparsity, per_layer = self.measure_sparsity()
-        target = self.scheduled_sparsity(step)
-        macs = self.measure_macs(per_layer)
-        pl_module.log("st3/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
-        pl_module.log("st3/target_sparsity", target, on_step=True, on_epoch=False)
-        pl_module.log("st3/threshold", self.threshold, on_step=True, on_epoch=False)
-        for key, value in macs.items():
-            pl_module.log(f"st3/{key}", value, on_step=True, on_epoch=False, prog_bar=key == "macs_ratio")
-        if self.log_layer_sparsity:
-            for name, value in per_layer.items():
-                pl_module.log(f"st3/layer/{name}/sparsity", value, on_step=True, on_epoch=False)
-        self.history.append({"step": step, "target_sparsity": target, "sparsity": sparsity, **macs})
-
-    def _measure_macs(self, pl_module: pl.LightningModule) -> None:
-        """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""
-        all_layers = find_prunable_layers(pl_module)
-        self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
-        self._layer_macs = {}
-        example = pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
-        if example is None:
-            if self.budget == "flops":
-                raise MisconfigurationException(
-                    "ST3PruningCallback(budget='flops') needs each layer's MACs, measured from an example input, but "
-                    f"{type(pl_module).__name__} has no `example_input_array`. HINT: set `self.example_input_array` "
-                    "in the LightningModule or pass `input_shape=[1, 3, 224, 224]` (your input's shape) to the "
-                    "callback."
-                )
-            rank_zero_info(
-                "ST3PruningCallback: MACs are not logged because the model has no `example_input_array`; "
-                "pass `input_shape` to the callback to log st3/macs_*."
-            )
-            return
-        try:
-            self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
-        except Exception as err:
-            if self.budget == "flops":
-                raise MisconfigurationException(
-                    f"ST3PruningCallback(budget='flops') could not measure MACs: the forward pass on the example input "
-                    f"failed with {type(err).__name__}: {err}. HINT: check `example_input_array` / `input_shape`."
-                ) from err
-            rank_zero_warn(
-                f"ST3PruningCallback: MACs are not logged: the forward pass on the example input failed with "
-                f"{type(err).__name__}: {err}"
-            )
-            return
-        uncounted = [name for name in self._layers if self._layer_macs[name] == 0]
-        if uncounted and len(uncounted) == len(self._layers) and self.budget == "flops":
-            raise MisconfigurationException(
-                "ST3PruningCallback(budget='flops'): the example input's forward pass called none of the pruned "
-                "layers, so they have no MACs. HINT: check `example_input_array` / `input_shape`."
-            )
-        if uncounted:
-            rank_zero_warn(
-                f"ST3PruningCallback: {len(uncounted)} pruned layers were not called as modules in the example forward "
-                f"pass (used functionally, or only in training mode) and count 0 MACs: {uncounted[:10]}"
-                + (" With budget='flops' their weights are pruned as if free." if self.budget == "flops" else "")
-            )
-
-    def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
-        if isinstance(trainer.progress_bar_callback, RichProgressBar):
-            from rich.console import Console
-            from rich.table import Table
-
-            header, cells = report_cells(rows)
-            table = Table(title="ST-3 sparsity report (MACs per sample)")
-            for index, title in enumerate(header):
-                table.add_column(title, justify="left" if index < 3 else "right", no_wrap=True)
-            for index, line in enumerate(cells):
-                table.add_row(*line, end_section=index == len(cells) - 2)
-            # Never truncate layer names: widen the console to the table (rich assumes 80 columns without a tty).
-            needed = sum(max(len(c[i]) for c in [header, *cells]) + 3 for i in range(len(header))) + 1
-            console = Console()
-            console.width = max(console.width, needed)
-            console.print(table)
-        else:
-            rank_zero_info("ST-3 sparsity report (MACs per sample):\n" + format_report(rows))
-
-    def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]], directory: Path) -> None:
-        figures = {"st3_sparsity": sparsity_history_figure(self.history), "st3_layers": layer_report_figure(rows)}
-        for name, figure in figures.items():
-            path = save_figure(figure, directory / f"{name}.png")
-            rank_zero_info(f"ST3PruningCallback: saved {path}")
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure(f"st3/{name}", figure, global_step=trainer.global_step)
-
-    @staticmethod
-    def _run_after(pl_module: pl.LightningModule, hook: str, then: Callable[[], None]) -> None:
-        """Make ``pl_module.<hook>`` run ``then()`` after itself, for this run (undone in ``teardown``)."""
-        original = getattr(pl_module, hook)
-
-        @functools.wraps(original)
-        def hook_then(*args: Any, **kwargs: Any) -> None:
-            original(*args, **kwargs)
-            then()
-
-        hook_then._st3_wrapper = True  # type: ignore[attr-defined]
-        setattr(pl_module, hook, hook_then)
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> None:
-        """Find the prunable layers and register the ST-3 parametrization on each (idempotent).
-
-        ``final=False`` is an early pass over the layers that exist at the callback's ``setup``: an ``exclude``
-        pattern or an empty model is only an error once all layers are built.
-        """
-        try:
-            layers = find_prunable_layers(pl_module, self.include_types, self.exclude)
-        except ValueError:
-            if final:
-                raise
-            return
-        if not layers and final:
-            raise MisconfigurationException(
-                f"ST3PruningCallback found no layer to prune in {type(pl_module).__name__}: it prunes the `weight` "
-                f"of {list(self.include_types)} modules not matched by `exclude={list(self.exclude)}`. "
-                "HINT: check `include_types` and `exclude`, or remove the callback."
-            )
-        self._check_no_overlap(trainer, layers)
-        for name, module in layers.items():
-            try:
-                register_st3_parametrization(module, self.soft_threshold, self.straight_through, self.rescale)
-            except ValueError as err:
-                raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
-        self._layers = layers
-        log.debug("ST3PruningCallback prunes %d layers: %s", len(layers), list(layers))
-
-    def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:
-        for other in trainer.callbacks:
-            if other is self or not isinstance(other, ST3PruningCallback):
-                continue
-            shared = sorted(set(layers) & set(other.layers))
-            if shared:
-                raise MisconfigurationException(
-                    f"Two ST3PruningCallback instances prune the same layers {shared[:10]}. HINT: give each callback "
-                    "its own layers with `include_types` and `exclude`."
-                )
+        extra = {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}
+        super()._log(pl_module, step, extra)
 
     def _check_run_length_known(self, unbounded: bool) -> None:
         fractions = [name for name in ("start", "end", "freeze_at") if isinstance(getattr(self, name), float)]
@@ -677,4 +412,139 @@ class ST3PruningCallback(Callback):
                 f"ST3PruningCallback would freeze the mask before the ramp ends: freeze_at={self.freeze_at} -> step "
                 f"{self._freeze_step}, end={self.end} -> step {self._end_step} {steps}. HINT: choose `freeze_at` >= "
                 "`end`."
+            )
+
+
+class STRPruningCallback(SparseTrainingCallback):
+    r"""Sparse training with STR, a learnable threshold per layer (Kusupati et al., ICML 2020, arXiv:2002.03231).
+
+    The method ST-3 was built against, on the same machinery as :class:`ST3PruningCallback` (layer selection,
+    checkpoints, logging, MACs, report, plots, :func:`~lightning_stthree.make_permanent`). At setup, the ``weight`` of
+    every prunable layer gets a :class:`~lightning_stthree.str_pruning.STRParametrization`:
+    ``w_eff = sign(w) * relu(|w| - sigmoid(s_l))`` with one learnable scalar ``s_l`` per layer, initialised to
+    ``s_init``. The ``s_l`` are parameters of the model (``<layer>.parametrizations.weight.0.s``), registered before
+    ``configure_optimizers``, so an optimizer built from ``self.parameters()`` trains them and applies its weight
+    decay to them, as the authors' code does.
+
+    The sparsity is not scheduled: weight decay pulls each ``s_l`` toward 0 (raising the threshold toward 0.5) and the
+    task loss pushes it back, so the final sparsity emerges from ``s_init``, the weight decay, the learning rate and
+    the run's length. The authors' ImageNet recipes use ``s_init=-3200`` for 100 epochs and choose the weight decay per
+    target; for short runs ``s_init`` must be much closer to 0 (the Fashion-MNIST values in ``benchmarks/accuracy.py``
+    were found by a sweep there). At fit start the callback checks that every ``s_l`` is in an optimizer (an error
+    otherwise) and warns when its parameter group has no weight decay (STR then barely prunes).
+
+    Logged once per optimizer step with ``pl_module.log``: ``str/sparsity`` (measured, on the progress bar),
+    ``str/threshold_mean`` (mean of the layers' ``sigmoid(s_l)``), the ``str/macs_*`` when MACs are known and, unless
+    ``log_layer_sparsity=False``, ``str/layer/<name>/sparsity`` and ``str/layer/<name>/threshold``.
+
+    Args:
+        s_init: Initial value of every layer's ``s`` (the initial threshold on ``|w|`` is ``sigmoid(s_init)``); a
+            finite number. No default: the right value depends on the run's length (see above).
+        include_types: See :class:`ST3PruningCallback`.
+        exclude: See :class:`ST3PruningCallback`.
+        log_layer_sparsity: Also log each layer's measured sparsity and threshold.
+        make_permanent_at_end: See :class:`ST3PruningCallback`.
+        input_shape: See :class:`ST3PruningCallback`.
+        report: See :class:`ST3PruningCallback`.
+        save_plots: Save ``str_sparsity.png`` and ``str_layers.png``; see :class:`ST3PruningCallback`.
+
+    Raises:
+        ValueError: If ``s_init`` is not a finite number, or another argument is out of range.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, callbacks=[STRPruningCallback(s_init=-3.0)])
+        trainer.fit(model)  # model.configure_optimizers uses self.parameters() with weight_decay > 0
+    """
+
+    log_prefix = "str"
+    method_name = "STR"
+
+    def __init__(
+        self,
+        s_init: float,
+        include_types: list[str] | None = None,
+        exclude: list[str] | None = None,
+        log_layer_sparsity: bool = True,
+        make_permanent_at_end: bool = False,
+        input_shape: list[int] | None = None,
+        report: bool = True,
+        save_plots: bool = False,
+    ) -> None:
+        if isinstance(s_init, bool) or not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
+            raise ValueError(
+                f"`s_init` must be a finite number (the initial threshold is sigmoid(s_init)), got {s_init!r}"
+            )
+        super().__init__(
+            include_types=include_types,
+            exclude=exclude,
+            log_layer_sparsity=log_layer_sparsity,
+            make_permanent_at_end=make_permanent_at_end,
+            input_shape=input_shape,
+            report=report,
+            save_plots=save_plots,
+        )
+        self.s_init = float(s_init)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(include_types=self.include_types, exclude=self.exclude)
+
+    @override
+    def _register(self, module: nn.Module) -> STRParametrization:
+        return register_str_parametrization(module, self.s_init)
+
+    def thresholds(self) -> dict[str, float]:
+        """Each pruned layer's current threshold on ``|w|``, ``sigmoid(s_l)``, by module name."""
+        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
+        return {name: float(p.threshold) for name, p in found.items() if isinstance(p, STRParametrization)}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._check_optimized(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history and trainer.global_step <= self.history[-1]["step"]:
+            self.history = []  # the callback is reused for a new run that starts over
+        self._last_logged_step = -1
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_logged_step:
+            return  # a later micro-batch of the same optimizer step (gradient accumulation)
+        thresholds = self.thresholds()
+        mean = sum(thresholds.values()) / len(thresholds) if thresholds else 0.0
+        layer_extra = {name: {"threshold": value} for name, value in thresholds.items()}
+        self._log(pl_module, step, {"threshold_mean": mean}, layer_extra)
+        self._last_logged_step = step
+
+    def _check_optimized(self, trainer: pl.Trainer) -> None:
+        """Every ``s_l`` must be trained by an optimizer; warn where nothing decays it."""
+        decay: dict[int, float] = {}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    decay[id(parameter)] = float(group.get("weight_decay", 0.0))
+        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
+        s_params = {name: p.s for name, p in found.items() if isinstance(p, STRParametrization)}
+        missing = [name for name, s in s_params.items() if id(s) not in decay]
+        if missing:
+            raise MisconfigurationException(
+                f"STRPruningCallback: the threshold parameters `s` of {len(missing)} layers (e.g. {missing[:3]}) are "
+                "in no optimizer, so STR would never prune them. HINT: build the optimizer in `configure_optimizers` "
+                "from `self.parameters()` (the callback adds the parameters named "
+                "'<layer>.parametrizations.weight.0.s' before `configure_optimizers` runs)."
+            )
+        undecayed = [name for name, s in s_params.items() if decay[id(s)] == 0.0]
+        if undecayed:
+            rank_zero_warn(
+                f"STRPruningCallback: the threshold parameters `s` of {len(undecayed)} layers (e.g. {undecayed[:3]}) "
+                "are in a parameter group with weight_decay=0; STR's sparsity comes from weight decay on `s`, so "
+                "these layers will barely be pruned. HINT: put them in a group with weight_decay > 0."
             )

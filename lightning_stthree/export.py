@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_stthree.parametrization import RAW_WEIGHT_KEY, find_st3_parametrization, remove_st3_parametrization
+from lightning_stthree.parametrization import RAW_WEIGHT_KEY, find_sparse_parametrization, remove_st3_parametrization
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -42,7 +42,7 @@ def make_permanent(model: ModuleT) -> ModuleT:
         torch.save(model.state_dict(), "sparse.pt")
     """
     for module in model.modules():
-        if find_st3_parametrization(module) is not None:
+        if find_sparse_parametrization(module) is not None:
             remove_st3_parametrization(module)
     return model
 

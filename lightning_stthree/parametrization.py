@@ -9,7 +9,7 @@ only holds the per-layer threshold buffer and chooses the gradient.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -149,7 +149,28 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
         return grad_output, None, None, None
 
 
-class SoftThresholdParametrization(nn.Module):
+class SparseParametrization(nn.Module):
+    """Base of this package's weight parametrizations: what the callbacks, reports and exports rely on.
+
+    A subclass turns the raw weight into the effective (sparse) weight in ``forward`` and says which raw entries it
+    zeroes (:meth:`pruned`), so that the sparsity can be measured without building the effective weight.
+    """
+
+    @property
+    def frozen(self) -> bool:
+        """Whether a fixed mask decides what is pruned (fine-tune phase)."""
+        return False
+
+    def pruned(self, weight: Tensor) -> Tensor:
+        """Boolean mask of the raw ``weight`` entries whose effective value is exactly zero."""
+        raise NotImplementedError
+
+    def missing_state(self) -> dict[str, Tensor]:
+        """Values for this parametrization's state-dict entries when a plain (dense) state dict is loaded."""
+        return {}
+
+
+class SoftThresholdParametrization(SparseParametrization):
     """Parametrization registered on a prunable ``weight`` by :class:`~lightning_stthree.ST3PruningCallback`.
 
     Holds this layer's threshold on raw magnitudes as a 0-dim float32 buffer (saved in the ``state_dict``, so a
@@ -190,6 +211,17 @@ class SoftThresholdParametrization(nn.Module):
         """Whether a fixed mask replaces the threshold (fine-tune phase)."""
         return self.mask is not None
 
+    def pruned(self, weight: Tensor) -> Tensor:
+        """``|w| <= t_layer`` (exactly where the soft and hard thresholds give zero; the rescale is >= 1), or the
+        complement of the fixed mask in the fine-tune phase."""
+        if self.mask is not None:
+            return ~self.mask
+        return weight.abs() <= self.threshold.to(weight.dtype)
+
+    def missing_state(self) -> dict[str, Tensor]:
+        """A dense state dict loads with threshold 0 (unchanged weights until the next threshold update)."""
+        return {"threshold": torch.zeros((), dtype=torch.float32)}
+
     def freeze(self, mask: Tensor) -> None:
         """Apply the fixed boolean ``mask`` from now on, instead of the threshold (which is set to 0)."""
         self.threshold.zero_()
@@ -212,15 +244,21 @@ class SoftThresholdParametrization(nn.Module):
 
 # State-dict keys of a parametrized weight, relative to its module's prefix.
 RAW_WEIGHT_KEY = "parametrizations.weight.original"
-THRESHOLD_KEY = "parametrizations.weight.0.threshold"
+PARAMETRIZATION_PREFIX = "parametrizations.weight.0."
+
+
+def find_sparse_parametrization(module: nn.Module) -> SparseParametrization | None:
+    """This package's parametrization on ``module.weight`` (ST-3 or STR), or ``None``."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    found = [p for p in module.parametrizations.weight if isinstance(p, SparseParametrization)]
+    return found[0] if found else None
 
 
 def find_st3_parametrization(module: nn.Module) -> SoftThresholdParametrization | None:
     """The ST-3 parametrization on ``module.weight``, or ``None``."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    found = [p for p in module.parametrizations.weight if isinstance(p, SoftThresholdParametrization)]
-    return found[0] if found else None
+    found = find_sparse_parametrization(module)
+    return found if isinstance(found, SoftThresholdParametrization) else None
 
 
 def raw_weight(module: nn.Module) -> Tensor:
@@ -231,10 +269,10 @@ def raw_weight(module: nn.Module) -> Tensor:
 def _save_effective_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """``state_dict`` post-hook: also save the effective weight under the layer's plain ``weight`` key.
 
-    So a checkpoint of a model under ST-3 loads into the same model without this package: the plain model takes
-    ``<layer>.weight`` (zeros included) and ignores the ``parametrizations`` keys.
+    So a checkpoint of a model under ST-3 (or STR) loads into the same model without this package: the plain model
+    takes ``<layer>.weight`` (zeros included) and ignores the ``parametrizations`` keys.
     """
-    if find_st3_parametrization(module) is not None:
+    if find_sparse_parametrization(module) is not None:
         with torch.no_grad():
             state_dict[prefix + "weight"] = module.weight.detach()
 
@@ -251,18 +289,57 @@ def _load_raw_or_effective(
 ) -> None:
     """``load_state_dict`` pre-hook of a parametrized layer.
 
-    A state dict from an ST-3 model has both the raw weight and the derived effective ``weight``: the derived one is
-    dropped. A state dict from a dense or permanent model has only ``weight``: it becomes the raw weight, with a
-    threshold of 0 (unchanged until the next threshold update), so ST-3 can start from pretrained dense weights.
+    A state dict from a parametrized model has both the raw weight and the derived effective ``weight``: the derived
+    one is dropped. A state dict from a dense or permanent model has only ``weight``: it becomes the raw weight, and
+    the parametrization's own entries get :meth:`SparseParametrization.missing_state` (threshold 0 for ST-3, the
+    current ``s`` for STR), so sparse training can start from pretrained dense weights.
     """
-    if find_st3_parametrization(module) is None:
+    parametrization = find_sparse_parametrization(module)
+    if parametrization is None:
         return
     plain = prefix + "weight"
     if prefix + RAW_WEIGHT_KEY in state_dict:
         state_dict.pop(plain, None)
     elif plain in state_dict:
         state_dict[prefix + RAW_WEIGHT_KEY] = state_dict.pop(plain)
-        state_dict.setdefault(prefix + THRESHOLD_KEY, torch.zeros((), dtype=torch.float32))
+        for key, value in parametrization.missing_state().items():
+            state_dict.setdefault(prefix + PARAMETRIZATION_PREFIX + key, value)
+
+
+ParametrizationT = TypeVar("ParametrizationT", bound=SparseParametrization)
+
+
+def register_sparse_parametrization(module: nn.Module, parametrization: ParametrizationT) -> ParametrizationT:
+    """Put ``parametrization`` on ``module.weight``, with the state-dict hooks, unless one of its type is there.
+
+    Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
+    ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
+    ``load_state_dict`` accepts both parametrized and plain (dense or permanent) state dicts.
+
+    Args:
+        module: A layer with a ``weight`` (output channels on dim 0).
+        parametrization: A new parametrization (moved to the weight's device).
+
+    Returns:
+        The parametrization now on ``module.weight``: the one already there if it has ``parametrization``'s type.
+
+    Raises:
+        ValueError: If ``module.weight`` already carries another parametrization.
+    """
+    existing = find_sparse_parametrization(module)
+    if type(existing) is type(parametrization):
+        return existing  # type: ignore[return-value]
+    if parametrize.is_parametrized(module, "weight"):
+        names = [type(p).__name__ for p in module.parametrizations.weight]
+        raise ValueError(
+            f"`weight` already has the parametrizations {names}, which {type(parametrization).__name__} cannot "
+            "combine with"
+        )
+    parametrization = parametrization.to(module.weight.device)
+    parametrize.register_parametrization(module, "weight", parametrization)
+    module.register_state_dict_post_hook(_save_effective_weight)
+    module.register_load_state_dict_pre_hook(_load_raw_or_effective)
+    return parametrization
 
 
 def register_st3_parametrization(
@@ -270,9 +347,7 @@ def register_st3_parametrization(
 ) -> SoftThresholdParametrization:
     """Put the ST-3 parametrization on ``module.weight`` (or update the flags of the one already there).
 
-    Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
-    ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
-    ``load_state_dict`` accepts both ST-3 and plain (dense or permanent) state dicts.
+    See :func:`register_sparse_parametrization` for the state-dict hooks that come with it.
 
     Args:
         module: A layer with a ``weight`` (output channels on dim 0).
@@ -286,15 +361,7 @@ def register_st3_parametrization(
     Raises:
         ValueError: If ``module.weight`` already carries another parametrization.
     """
-    existing = find_st3_parametrization(module)
-    if existing is None:
-        if parametrize.is_parametrized(module, "weight"):
-            names = [type(p).__name__ for p in module.parametrizations.weight]
-            raise ValueError(f"`weight` already has the parametrizations {names}, which ST-3 cannot combine with")
-        existing = SoftThresholdParametrization().to(module.weight.device)
-        parametrize.register_parametrization(module, "weight", existing)
-        module.register_state_dict_post_hook(_save_effective_weight)
-        module.register_load_state_dict_pre_hook(_load_raw_or_effective)
+    existing = register_sparse_parametrization(module, SoftThresholdParametrization())
     existing.soft_threshold = soft_threshold
     existing.straight_through = straight_through
     existing.rescale = rescale
@@ -304,10 +371,11 @@ def register_st3_parametrization(
 def remove_st3_parametrization(module: nn.Module) -> None:
     """Bake the effective weight into a plain ``weight`` Parameter and restore the layer's original class.
 
-    The Parameter object is kept (its data replaced), so optimizers holding it stay valid. The state-dict hooks of
-    :func:`register_st3_parametrization` are removed too, so the module pickles and loads without this package.
+    Works for both of this package's parametrizations (ST-3 and STR). The Parameter object is kept (its data
+    replaced), so optimizers holding it stay valid. The state-dict hooks of :func:`register_sparse_parametrization`
+    are removed too, so the module pickles and loads without this package.
     """
-    if find_st3_parametrization(module) is None:
+    if find_sparse_parametrization(module) is None:
         return
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).

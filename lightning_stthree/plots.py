@@ -26,20 +26,25 @@ def _figure(width: float, height: float, rows: int = 1) -> tuple[Figure, Any]:
     return figure, figure.subplots(rows, 1, squeeze=False)[:, 0]
 
 
-def sparsity_history_figure(history: Sequence[Mapping[str, float]]) -> Figure:
-    """Target vs measured sparsity over optimizer steps (and the MACs ratio when present).
+def sparsity_history_figure(
+    history: Sequence[Mapping[str, float]], title: str = "ST-3 sparsity over training"
+) -> Figure:
+    """Measured (and, when present, target) sparsity over optimizer steps, and the MACs ratio when present.
 
     Args:
-        history: Records with ``step``, ``target_sparsity``, ``sparsity`` and optionally ``macs_ratio``, as kept by
-            :class:`~lightning_stthree.ST3PruningCallback` (its ``history``).
+        history: Records with ``step``, ``sparsity`` and optionally ``target_sparsity`` and ``macs_ratio``, as kept
+            by :class:`~lightning_stthree.ST3PruningCallback` and :class:`~lightning_stthree.STRPruningCallback`
+            (their ``history``).
+        title: The axes' title.
     """
     figure, (axes,) = _figure(7, 4)
     steps = [h["step"] for h in history]
-    axes.plot(steps, [h["target_sparsity"] for h in history], "--", color="0.4", label="target (schedule)")
+    if history and "target_sparsity" in history[0]:
+        axes.plot(steps, [h["target_sparsity"] for h in history], "--", color="0.4", label="target (schedule)")
     axes.plot(steps, [h["sparsity"] for h in history], color="C0", label="measured sparsity")
     if history and "macs_ratio" in history[0]:
         axes.plot(steps, [1 - h["macs_ratio"] for h in history], color="C1", label="MACs removed")
-    axes.set(xlabel="optimizer step", ylabel="fraction", ylim=(0, 1), title="ST-3 sparsity over training")
+    axes.set(xlabel="optimizer step", ylabel="fraction", ylim=(0, 1), title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")
     return figure

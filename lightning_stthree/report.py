@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from lightning_stthree.flops import measure_layer_macs
 from lightning_stthree.layers import find_prunable_layers
-from lightning_stthree.parametrization import find_st3_parametrization
+from lightning_stthree.parametrization import find_sparse_parametrization
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
 TOTAL_ROW_NAME = "total"
@@ -57,7 +57,7 @@ def sparsity_report(
                 "density": density,
                 "macs_dense": dense,
                 "macs_sparse": None if dense is None else density * dense,
-                "pruned": find_st3_parametrization(module) is not None,
+                "pruned": find_sparse_parametrization(module) is not None,
             }
         )
     weights = sum(r["weights"] for r in rows)

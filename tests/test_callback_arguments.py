@@ -97,7 +97,9 @@ def test_two_callbacks_on_the_same_layers_raise() -> None:
         max_steps=1, callbacks=[ST3PruningCallback(0.5), ST3PruningCallback(0.8, include_types=["Linear"])]
     )
     with pytest.raises(
-        MisconfigurationException, match=r"Two ST3PruningCallback instances prune the same layers \['fc'\]"
+        MisconfigurationException,
+        match=r"Two sparse-training callbacks \(ST3PruningCallback and ST3PruningCallback\) prune the same "
+        r"layers \['fc'\]",
     ):
         trainer.fit(TinyNet(), random_loader(2))
 

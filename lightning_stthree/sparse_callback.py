@@ -1,0 +1,405 @@
+"""What every sparse-training callback of this package shares: attaching parametrizations, measuring, reporting.
+
+:class:`SparseTrainingCallback` finds the prunable layers, registers a parametrization on each at the right moment of
+Lightning's hook order (before a checkpoint restore and before DDP wraps the model), undoes that for non-fit stages,
+measures sparsity and MACs, logs them, and prints/saves the report and plots when ``fit`` ends. A method
+(:class:`~lightning_stthree.ST3PruningCallback`, :class:`~lightning_stthree.STRPruningCallback`) only says which
+parametrization to register and what else to do during training.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_stthree._checks import check_bool
+from lightning_stthree.export import make_permanent
+from lightning_stthree.flops import measure_layer_macs, sparse_macs
+from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
+from lightning_stthree.parametrization import (
+    RAW_WEIGHT_KEY,
+    SparseParametrization,
+    find_sparse_parametrization,
+    raw_weight,
+    remove_st3_parametrization,
+)
+from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
+from lightning_stthree.report import format_report, report_cells, sparsity_report
+
+log = logging.getLogger(__name__)
+
+
+class SparseTrainingCallback(Callback):
+    """Base of the sparse-training callbacks (see the module docstring); not used on its own.
+
+    Args:
+        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d"]`` (default:
+            all four; subclasses included).
+        exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
+            that matches no prunable layer is an error.
+        log_layer_sparsity: Also log each layer's measured sparsity.
+        make_permanent_at_end: At the end of ``fit``, remove the parametrizations (see
+            :func:`~lightning_stthree.make_permanent`) so the model holds plain layers with sparse weights.
+        input_shape: Shape of an example input batch (batch dimension first, e.g. ``[1, 3, 224, 224]``) to measure
+            each layer's dense MACs with at fit start; by default the LightningModule's ``example_input_array`` is
+            used. With neither, MACs are not logged.
+        report: Print the per-layer sparsity and MACs table when ``fit`` ends (rank zero only).
+        save_plots: When ``fit`` ends, save ``<prefix>_sparsity.png`` and ``<prefix>_layers.png`` in the Trainer's
+            log directory, and log them as figures to a TensorBoard logger. Needs matplotlib (the ``plot`` extra).
+    """
+
+    #: Prefix of the logged metrics, the plots' file names and the report's title.
+    log_prefix: ClassVar[str] = "sparse"
+    #: The method's name in messages and titles.
+    method_name: ClassVar[str] = "Sparse training"
+
+    def __init__(
+        self,
+        include_types: list[str] | None = None,
+        exclude: list[str] | None = None,
+        log_layer_sparsity: bool = True,
+        make_permanent_at_end: bool = False,
+        input_shape: list[int] | None = None,
+        report: bool = True,
+        save_plots: bool = False,
+    ) -> None:
+        for name, flag in (
+            ("log_layer_sparsity", log_layer_sparsity),
+            ("make_permanent_at_end", make_permanent_at_end),
+            ("report", report),
+            ("save_plots", save_plots),
+        ):
+            check_bool(name, flag)
+        if input_shape is not None and (
+            isinstance(input_shape, str)
+            or len(input_shape) == 0
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+        ):
+            raise ValueError(
+                f"`input_shape` must be a list of positive ints, batch dimension first (e.g. [1, 3, 224, 224]), "
+                f"got {input_shape!r}"
+            )
+        if save_plots:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError as err:
+                raise ImportError(f"`save_plots=True`: {INSTALL_HINT}") from err
+        self.include_types = validate_include_types(list(PRUNABLE_TYPES) if include_types is None else include_types)
+        self.exclude = validate_exclude([] if exclude is None else exclude)
+        self.log_layer_sparsity = log_layer_sparsity
+        self.make_permanent_at_end = make_permanent_at_end
+        self.input_shape = None if input_shape is None else list(input_shape)
+        self.report = report
+        self.save_plots = save_plots
+        # One record per logged step of the current run in this process (not checkpointed): the sparsity plot's data.
+        self.history: list[dict[str, float]] = []
+        # Derived at setup, not saved.
+        self._layers: dict[str, nn.Module] = {}
+        self._plain_before_stage: list[nn.Module] = []  # see `setup`
+        self._layer_macs: dict[str, float] = {}  # dense MACs per sample of every Linear/Conv layer, by name
+        self._other_layers: dict[str, nn.Module] = {}  # Linear/Conv layers counted in MACs but not pruned here
+        self._last_logged_step = -1
+
+    @property
+    def _name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The modules this callback prunes, by module name (empty before setup)."""
+        return dict(self._layers)
+
+    # ------------------------------------------------------------------ what a method provides
+
+    def _register(self, module: nn.Module) -> SparseParametrization:
+        """Register (or update) this method's parametrization on ``module.weight``."""
+        raise NotImplementedError
+
+    def _check_fit_setup(self, trainer: pl.Trainer) -> None:
+        """Checks of the run's configuration at the start of ``setup("fit")``."""
+
+    @property
+    def _macs_required(self) -> bool:
+        """Whether a run without measured MACs is an error (instead of only not logging them)."""
+        return False
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_fit_setup(trainer)
+        else:
+            # validate/test/predict attach too, so that a sparse `ckpt_path` loads; layers that were plain before
+            # (e.g. made permanent) are made plain again in `teardown`, holding the effective weights.
+            self._plain_before_stage = [m for m in pl_module.modules() if find_sparse_parametrization(m) is None]
+        # Lightning runs the callbacks' `setup`, then the module's `setup`, then `configure_model`, then restores a
+        # checkpoint and wraps the model (DDP). Attach to the layers that exist now (so callbacks after this one that
+        # copy the model in their `setup`, like StochasticWeightAveraging, copy it parametrized), and again after the
+        # last hook that may build layers, before the restore.
+        self._attach(trainer, pl_module, final=False)
+        hook = "configure_model" if is_overridden("configure_model", pl_module) else "setup"
+        self._run_after(pl_module, hook, lambda: self._attach(trainer, pl_module, final=True))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_module(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips `teardown` when a run fails or is interrupted: undo the module changes all the same.
+        self._restore_module(pl_module)
+
+    def _restore_module(self, pl_module: pl.LightningModule) -> None:
+        """Remove the hook wrappers of `setup` and make layers that came into a non-fit stage plain again."""
+        for hook in ("setup", "configure_model"):
+            if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
+                delattr(pl_module, hook)
+        for module in self._plain_before_stage:
+            remove_st3_parametrization(module)
+        self._plain_before_stage = []
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure_macs(pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
+        directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
+        if trainer.is_global_zero and (self.report or self.save_plots):
+            rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
+            if self.report:
+                self._print_report(trainer, rows)
+            if directory is not None:
+                self._save_plots(trainer, rows, directory)
+        if self.make_permanent_at_end:
+            make_permanent(pl_module)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
+        # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
+        if trainer.state.fn == "fit" and not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint["state_dict"]):
+            raise MisconfigurationException(
+                f"`ckpt_path` points to a checkpoint of a run without {self.method_name}; its optimizer state "
+                f"cannot be resumed with {self._name} (the parametrizations change the order of the parameters). "
+                "HINT: load "
+                "its weights (`model.load_state_dict(torch.load(path)['state_dict'])` or "
+                "`Model.load_from_checkpoint(path)`) and call `trainer.fit(model)` without `ckpt_path` to sparsify a "
+                "pretrained model."
+            )
+
+    # ------------------------------------------------------------------ measuring and logging
+
+    def _parametrizations(self) -> list[SparseParametrization]:
+        found = (find_sparse_parametrization(m) for m in self._layers.values())
+        return [p for p in found if p is not None]
+
+    @torch.no_grad()
+    def measure_sparsity(self) -> tuple[float, dict[str, float]]:
+        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer.
+
+        Counted on the raw weight with the parametrization's :meth:`~SparseParametrization.pruned` (one cheap pass,
+        the same entries as the zeros of the effective weight); layers made permanent are counted on their weight.
+        """
+        per_layer: dict[str, float] = {}
+        zeros = total = 0
+        for name, module in self._layers.items():
+            parametrization = find_sparse_parametrization(module)
+            if parametrization is None:
+                weight = module.weight
+                layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
+            else:
+                weight = raw_weight(module)
+                layer_zeros = int(torch.count_nonzero(parametrization.pruned(weight)))
+            per_layer[name] = layer_zeros / weight.numel()
+            zeros += layer_zeros
+            total += weight.numel()
+        return zeros / total, per_layer
+
+    @torch.no_grad()
+    def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
+        """Dense and sparse MACs per sample over all Linear/Conv layers, and their ratio (empty if not measured).
+
+        Layers this callback does not prune count with their own (usually full) density.
+        """
+        if not self._layer_macs:
+            return {}
+        sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
+        densities = {name: 1.0 - value for name, value in sparsity.items()}
+        for name, module in self._other_layers.items():
+            densities[name] = int(torch.count_nonzero(module.weight)) / module.weight.numel()
+        dense = sum(self._layer_macs.values())
+        sparse = sparse_macs(self._layer_macs, densities)
+        return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
+
+    def _log(
+        self,
+        pl_module: pl.LightningModule,
+        step: int,
+        extra: dict[str, float],
+        layer_extra: dict[str, dict[str, float]] | None = None,
+    ) -> None:
+        """Log ``<prefix>/sparsity``, the MACs, ``extra`` and the per-layer values, and append to :attr:`history`."""
+        prefix = self.log_prefix
+        sparsity, per_layer = self.measure_sparsity()
+        macs = self.measure_macs(per_layer)
+        pl_module.log(f"{prefix}/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
+        for key, value in extra.items():
+            pl_module.log(f"{prefix}/{key}", value, on_step=True, on_epoch=False)
+        for key, value in macs.items():
+            pl_module.log(f"{prefix}/{key}", value, on_step=True, on_epoch=False, prog_bar=key == "macs_ratio")
+        if self.log_layer_sparsity:
+            for name, value in per_layer.items():
+                pl_module.log(f"{prefix}/layer/{name}/sparsity", value, on_step=True, on_epoch=False)
+                for key, other in (layer_extra or {}).get(name, {}).items():
+                    pl_module.log(f"{prefix}/layer/{name}/{key}", other, on_step=True, on_epoch=False)
+        self.history.append({"step": step, **extra, "sparsity": sparsity, **macs})
+
+    def _measure_macs(self, pl_module: pl.LightningModule) -> None:
+        """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""
+        name = self._name
+        all_layers = find_prunable_layers(pl_module)
+        self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
+        self._layer_macs = {}
+        example = pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
+        if example is None:
+            if self._macs_required:
+                raise MisconfigurationException(
+                    f"{name}(budget='flops') needs each layer's MACs, measured from an example input, but "
+                    f"{type(pl_module).__name__} has no `example_input_array`. HINT: set `self.example_input_array` "
+                    "in the LightningModule or pass `input_shape=[1, 3, 224, 224]` (your input's shape) to the "
+                    "callback."
+                )
+            rank_zero_info(
+                f"{name}: MACs are not logged because the model has no `example_input_array`; "
+                f"pass `input_shape` to the callback to log {self.log_prefix}/macs_*."
+            )
+            return
+        try:
+            self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
+        except Exception as err:
+            if self._macs_required:
+                raise MisconfigurationException(
+                    f"{name}(budget='flops') could not measure MACs: the forward pass on the example input "
+                    f"failed with {type(err).__name__}: {err}. HINT: check `example_input_array` / `input_shape`."
+                ) from err
+            rank_zero_warn(
+                f"{name}: MACs are not logged: the forward pass on the example input failed with "
+                f"{type(err).__name__}: {err}"
+            )
+            return
+        uncounted = [layer for layer in self._layers if self._layer_macs[layer] == 0]
+        if uncounted and len(uncounted) == len(self._layers) and self._macs_required:
+            raise MisconfigurationException(
+                f"{name}(budget='flops'): the example input's forward pass called none of the pruned "
+                "layers, so they have no MACs. HINT: check `example_input_array` / `input_shape`."
+            )
+        if uncounted:
+            rank_zero_warn(
+                f"{name}: {len(uncounted)} pruned layers were not called as modules in the example forward "
+                f"pass (used functionally, or only in training mode) and count 0 MACs: {uncounted[:10]}"
+                + (" With budget='flops' their weights are pruned as if free." if self._macs_required else "")
+            )
+
+    def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
+        title = f"{self.method_name} sparsity report (MACs per sample)"
+        if isinstance(trainer.progress_bar_callback, RichProgressBar):
+            from rich.console import Console
+            from rich.table import Table
+
+            header, cells = report_cells(rows)
+            table = Table(title=title)
+            for index, column in enumerate(header):
+                table.add_column(column, justify="left" if index < 3 else "right", no_wrap=True)
+            for index, line in enumerate(cells):
+                table.add_row(*line, end_section=index == len(cells) - 2)
+            # Never truncate layer names: widen the console to the table (rich assumes 80 columns without a tty).
+            needed = sum(max(len(c[i]) for c in [header, *cells]) + 3 for i in range(len(header))) + 1
+            console = Console()
+            console.width = max(console.width, needed)
+            console.print(table)
+        else:
+            rank_zero_info(f"{title}:\n" + format_report(rows))
+
+    def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]], directory: Path) -> None:
+        prefix = self.log_prefix
+        figures = {
+            f"{prefix}_sparsity": sparsity_history_figure(self.history, f"{self.method_name} sparsity over training"),
+            f"{prefix}_layers": layer_report_figure(rows),
+        }
+        for name, figure in figures.items():
+            path = save_figure(figure, directory / f"{name}.png")
+            rank_zero_info(f"{self._name}: saved {path}")
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(f"{prefix}/{name}", figure, global_step=trainer.global_step)
+
+    # ------------------------------------------------------------------ attaching
+
+    @staticmethod
+    def _run_after(pl_module: pl.LightningModule, hook: str, then: Callable[[], None]) -> None:
+        """Make ``pl_module.<hook>`` run ``then()`` after itself, for this run (undone in ``teardown``)."""
+        original = getattr(pl_module, hook)
+
+        @functools.wraps(original)
+        def hook_then(*args: Any, **kwargs: Any) -> None:
+            original(*args, **kwargs)
+            then()
+
+        hook_then._st3_wrapper = True  # type: ignore[attr-defined]
+        setattr(pl_module, hook, hook_then)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> None:
+        """Find the prunable layers and register this method's parametrization on each (idempotent).
+
+        ``final=False`` is an early pass over the layers that exist at the callback's ``setup``: an ``exclude``
+        pattern or an empty model is only an error once all layers are built.
+        """
+        try:
+            layers = find_prunable_layers(pl_module, self.include_types, self.exclude)
+        except ValueError:
+            if final:
+                raise
+            return
+        if not layers and final:
+            raise MisconfigurationException(
+                f"{self._name} found no layer to prune in {type(pl_module).__name__}: it prunes the `weight` "
+                f"of {list(self.include_types)} modules not matched by `exclude={list(self.exclude)}`. "
+                "HINT: check `include_types` and `exclude`, or remove the callback."
+            )
+        self._check_no_overlap(trainer, layers)
+        for name, module in layers.items():
+            try:
+                self._register(module)
+            except ValueError as err:
+                raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
+        self._layers = layers
+        log.debug("%s prunes %d layers: %s", self._name, len(layers), list(layers))
+
+    def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, SparseTrainingCallback):
+                continue
+            shared = sorted(set(layers) & set(other.layers))
+            if shared:
+                raise MisconfigurationException(
+                    f"Two sparse-training callbacks ({self._name} and {type(other).__name__}) prune the same layers "
+                    f"{shared[:10]}. HINT: give each callback its own layers with `include_types` and `exclude`."
+                )
