@@ -2,8 +2,8 @@
 
 ``stthree fit`` with no arguments trains the embedded default (``lightning_stthree/configs/default.yaml``: a small CNN
 on scikit-learn's 8x8 digits, 90% sparsity) and prints a summary. Any LightningModule and LightningDataModule can be
-given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``ST3PruningCallback`` is configured under
-``trainer.callbacks`` like any callback.
+given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``ST3PruningCallback`` (or
+``STRPruningCallback``) is configured under ``trainer.callbacks`` like any callback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stthree.callback import ST3PruningCallback
+from lightning_stthree.sparse_callback import SparseTrainingCallback
 
 DEFAULT_CONFIG = resources.files("lightning_stthree") / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -27,14 +28,17 @@ SHAPE_ATTRIBUTES = ("num_classes", "in_channels", "image_size")
 
 def summary(trainer: Trainer, log_dir: str | None) -> str:
     """What a person wants to see when a run ends: accuracy, sparsity, MACs and where the files are."""
-    lines = [f"ST-3 run finished after {trainer.global_step} optimizer steps"]
+    methods = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
+    name = " + ".join(c.method_name for c in methods) or "Dense"
+    lines = [f"{name} run finished after {trainer.global_step} optimizer steps"]
     metrics = trainer.callback_metrics
     for key in ("val_acc", "val_loss"):
         if key in metrics:
             lines.append(f"  {key:<22} {float(metrics[key]):.4f}")
-    for cb in (c for c in trainer.callbacks if isinstance(c, ST3PruningCallback)):
+    for cb in methods:
         sparsity, _ = cb.measure_sparsity()
-        lines.append(f"  {'sparsity':<22} {sparsity:.4f} (target {cb.target_sparsity}, {len(cb.layers)} layers)")
+        target = f"target {cb.target_sparsity}, " if isinstance(cb, ST3PruningCallback) else ""
+        lines.append(f"  {'sparsity':<22} {sparsity:.4f} ({target}{len(cb.layers)} layers)")
         macs = cb.measure_macs()
         if macs:
             sparse, dense, ratio = macs["macs_sparse"] / 1e6, macs["macs_dense"] / 1e6, macs["macs_ratio"]

@@ -39,7 +39,7 @@ DEFAULT_LR_MILESTONES: tuple[float, ...] = (0.5, 0.75)
 # Channels of the three stages of the CIFAR ResNets (He et al. 2016, Sec. 4.2: "{16, 32, 64} filters").
 CIFAR_RESNET_WIDTHS: tuple[int, int, int] = (16, 32, 64)
 # The CIFAR ResNet depths of He et al. 2016, Table 6, by the names ``build_model`` accepts.
-CIFAR_RESNETS: dict[str, int] = {f"resnet{depth}": depth for depth in (20, 32, 44, 56, 110, 1202)}
+CIFAR_RESNETS: dict[str, int] = {f"resnet{depth}": depth for depth in (8, 14, 20, 32, 44, 56, 110, 1202)}
 SMALL_CNN = "small_cnn"
 # torchvision models with auxiliary heads return a tuple in training mode; ImageClassifier trains the main head only.
 _TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {

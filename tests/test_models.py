@@ -149,7 +149,9 @@ def test_cifar_names_do_not_shadow_torchvision() -> None:
 
 
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"`name` must be one of \['small_cnn', 'resnet20'.*got 'resnet21'") as info:
+    with pytest.raises(
+        ValueError, match=r"`name` must be one of \['small_cnn', 'resnet8', 'resnet14', 'resnet20'.*got 'resnet21'"
+    ) as info:
         build_model("resnet21", num_classes=10, in_channels=3)
     assert "'mobilenet_v3_small'" in str(info.value)
     assert "'resnet110'" in str(info.value)

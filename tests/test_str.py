@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TinyNet, quiet_trainer, random_loader, read_metrics
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -19,7 +20,6 @@ from lightning_stthree import (
     sparse_state_dict,
     str_effective_weight,
 )
-from tests.helpers import TinyNet, quiet_trainer, random_loader, read_metrics
 
 W = [[0.5, -0.2, 0.1, -0.05], [-0.3, 0.16, -0.14, 0.0]]
 TAU = 0.15

@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import make_tiny_idx_dataset
 
-from lightning_stthree import ST3PruningCallback
+from lightning_stthree import SparseTrainingCallback, ST3PruningCallback, STRPruningCallback
 from lightning_stthree.cli import DEFAULT_CONFIG, main
 from lightning_stthree.models import ImageClassifier
 
@@ -71,7 +71,11 @@ def test_shipped_configs_parse_validate_and_say_what_they_say(config: Path, caps
     for section in ("trainer", "model", "data", "seed_everything"):
         assert _subset(printed[section], written[section]), section
     # ... and the values are valid: the callback and the model accept them.
-    ST3PruningCallback(**written["trainer"]["callbacks"][0]["init_args"])
+    callback = written["trainer"]["callbacks"][0]
+    {
+        "lightning_stthree.ST3PruningCallback": ST3PruningCallback,
+        "lightning_stthree.STRPruningCallback": STRPruningCallback,
+    }[callback["class_path"]](**callback["init_args"])
     model = ImageClassifier(**written["model"]["init_args"])
     assert model.hparams.num_classes == written["model"]["init_args"]["num_classes"]
 
@@ -123,13 +127,14 @@ def test_a_bad_value_in_a_config_names_it(tmp_path: Path, capsys: pytest.Capture
     assert "`target_sparsity` must be in [0, 1), got 1.5" in str(info.value) + capsys.readouterr().err
 
 
-def test_fashion_mnist_recipe_runs_on_tiny_local_idx_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("recipe", "run_name"), [("", "st3_90"), ("_gmp", "gmp_90"), ("_str", "str")])
+def test_fashion_mnist_recipes_run_on_tiny_local_idx_files(tmp_path: Path, recipe: str, run_name: str) -> None:
     make_tiny_idx_dataset(tmp_path / "fashion", num_train=40, num_test=10)
     cli = main(
         [
             "fit",
             "--config",
-            str(ROOT / "examples" / "configs" / "fashion_mnist.yaml"),
+            str(ROOT / "examples" / "configs" / f"fashion_mnist{recipe}.yaml"),
             f"--data.init_args.data_dir={tmp_path / 'fashion'}",
             "--data.init_args.val_size=8",
             "--data.init_args.batch_size=16",
@@ -140,9 +145,16 @@ def test_fashion_mnist_recipe_runs_on_tiny_local_idx_files(tmp_path: Path) -> No
     )
     assert cli.trainer.global_step == 6
     assert cli.datamodule.num_classes == 10
-    (pruning,) = (c for c in cli.trainer.callbacks if isinstance(c, ST3PruningCallback))
-    assert pruning.measure_sparsity()[0] == pytest.approx(0.9, abs=0.005)
-    assert (tmp_path / "runs" / "fashion_mnist_st3_90" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    (pruning,) = (c for c in cli.trainer.callbacks if isinstance(c, SparseTrainingCallback))
+    if recipe == "_str":
+        assert isinstance(pruning, STRPruningCallback)
+        assert pruning.s_init == -2.5
+        assert 0.0 < pruning.measure_sparsity()[0] < 1.0
+    else:
+        assert pruning.measure_sparsity()[0] == pytest.approx(0.9, abs=0.005)
+        flags = (pruning.soft_threshold, pruning.straight_through, pruning.rescale)
+        assert flags == ((False,) * 3 if recipe == "_gmp" else (True,) * 3)
+    assert (tmp_path / "runs" / f"fashion_mnist_{run_name}" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_missing_dataset_error_reaches_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

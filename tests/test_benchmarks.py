@@ -1,0 +1,50 @@
+"""The benchmark scripts run (``--quick`` modes) and write what they promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from helpers import make_tiny_idx_dataset
+
+from lightning_stthree.data import DEBIAN_FASHION_MNIST_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_benchmark_quick_mode_trains_every_method(tmp_path: Path) -> None:
+    accuracy = _load("accuracy")
+    args = ["--quick", "--out", str(tmp_path)]
+    if not DEBIAN_FASHION_MNIST_DIR.is_dir():
+        # No Debian package here: the same code path on generated IDX files of the quick mode's size.
+        make_tiny_idx_dataset(tmp_path / "fashion", num_train=2000, num_test=1000)
+        args += ["--data-dir", str(tmp_path / "fashion")]
+    result = accuracy.main(args)
+    rows = {row["method"]: row for row in result["summary"]}
+    assert set(rows) == {"dense", "gmp", "st3", "st3_sigma", "str"}
+    assert rows["dense"]["sparsity_mean"] == 0.0
+    assert rows["dense"]["macs_sparse_mean"] == rows["dense"]["macs_dense"]
+    for method in ("gmp", "st3", "st3_sigma"):
+        # All Conv/Linear weights are pruned, so the measured sparsity is the scheduled target.
+        assert rows[method]["sparsity_mean"] == pytest.approx(0.9, abs=0.001)
+        assert rows[method]["macs_sparse_mean"] < 0.3 * rows[method]["macs_dense"]
+    assert 0.0 < rows["str"]["sparsity_mean"] < 1.0
+    assert all(0.0 <= row["acc_mean"] <= 1.0 for row in rows.values())
+    saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert len(saved["runs"]) == 5
+    assert (tmp_path / "accuracy_quick.md").read_text().startswith("| target | method |")
+    assert (tmp_path / "accuracy_quick.png").stat().st_size > 10_000
