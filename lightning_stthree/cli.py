@@ -151,8 +151,15 @@ def _all_tensors(items: list[Any]) -> bool:
 
 
 def run() -> None:
-    """Console-script entry point (``stthree``)."""
+    """Console-script entry point (``stthree`` and ``python -m lightning_stthree``).
+
+    After a successful DDP run the process group is destroyed before the interpreter exits: a process that exits with
+    a live gloo group can abort at shutdown ("terminate called without an active exception", pytorch#190489). It is
+    not destroyed after a failure, where the other ranks may still be inside a collective.
+    """
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

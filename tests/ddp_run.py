@@ -47,3 +47,6 @@ def main(strategy: str, out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    # Exiting with a live gloo process group can abort at interpreter shutdown (pytorch#190489).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
