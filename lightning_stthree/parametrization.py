@@ -212,10 +212,10 @@ class SoftThresholdParametrization(SparseParametrization):
         return self.mask is not None
 
     def pruned(self, weight: Tensor) -> Tensor:
-        """``|w| <= t_layer`` (exactly where the soft and hard thresholds give zero; the rescale is >= 1), or the
-        complement of the fixed mask in the fine-tune phase."""
+        """``|w| <= t_layer`` (exactly where the soft and hard thresholds give zero; the rescale is >= 1), or, in the
+        fine-tune phase, the zeros of ``where(mask, w, 0)`` (masked entries and kept weights that are exactly 0)."""
         if self.mask is not None:
-            return ~self.mask
+            return torch.where(self.mask, weight, 0.0) == 0
         return weight.abs() <= self.threshold.to(weight.dtype)
 
     def missing_state(self) -> dict[str, Tensor]:

@@ -166,3 +166,14 @@ def test_straight_through_forward_on_non_contiguous_weights(soft_threshold: bool
     expected = effective_weight(w.contiguous(), torch.tensor(0.5), soft_threshold, rescale=True)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert not torch.signbit(got[got == 0]).any()  # pruned entries are +0.0, as in the reference
+
+
+def test_pruned_is_exactly_the_zeros_of_the_effective_weight_also_when_frozen() -> None:
+    param = SoftThresholdParametrization()
+    weight = torch.tensor([[0.0, 0.5, 0.3, -0.1]])
+    param.threshold.fill_(0.2)
+    assert torch.equal(param.pruned(weight), param(weight) == 0)
+    # Fine-tune phase: a kept weight that is exactly 0 is a zero of the effective weight too, so it counts.
+    param.freeze(torch.tensor([[True, True, False, True]]))
+    assert torch.equal(param.pruned(weight), torch.tensor([[True, False, True, False]]))
+    assert torch.equal(param.pruned(weight), param(weight) == 0)
