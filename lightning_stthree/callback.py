@@ -256,29 +256,20 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         self._resolve_schedule(trainer.estimated_stepping_batches)
-        step = trainer.global_step
-        if step < self.last_update_step:
+        if trainer.global_step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
-        if self.history and step <= self.history[-1]["step"]:
-            self.history = []  # idem, for the history behind the plots
-        self._last_logged_step = -1
         if self._checkpoint_frozen and not self.frozen:
             self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_logged_step:
-            return  # a later micro-batch of the same optimizer step (gradient accumulation)
+    def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
         if self._is_fine_tune_step(step) and not self.frozen:
             self._freeze(step)
         elif step % self.update_every == 0:
             self._bring_threshold_up_to_date(step)
         self._log(pl_module, step)
-        self._last_logged_step = step
 
     @override
     def on_train_batch_end(
@@ -495,10 +486,13 @@ class STRPruningCallback(SparseTrainingCallback):
     def _register(self, module: nn.Module) -> STRParametrization:
         return register_str_parametrization(module, self.s_init)
 
+    def _str_parametrizations(self) -> dict[str, STRParametrization]:
+        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
+        return {name: p for name, p in found.items() if isinstance(p, STRParametrization)}
+
     def thresholds(self) -> dict[str, float]:
         """Each pruned layer's current threshold on ``|w|``, ``sigmoid(s_l)``, by module name."""
-        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
-        return {name: float(p.threshold) for name, p in found.items() if isinstance(p, STRParametrization)}
+        return {name: float(p.threshold) for name, p in self._str_parametrizations().items()}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -506,23 +500,11 @@ class STRPruningCallback(SparseTrainingCallback):
         self._check_optimized(trainer)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.history and trainer.global_step <= self.history[-1]["step"]:
-            self.history = []  # the callback is reused for a new run that starts over
-        self._last_logged_step = -1
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        step = trainer.global_step
-        if step == self._last_logged_step:
-            return  # a later micro-batch of the same optimizer step (gradient accumulation)
+    def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
         thresholds = self.thresholds()
         mean = sum(thresholds.values()) / len(thresholds) if thresholds else 0.0
         layer_extra = {name: {"threshold": value} for name, value in thresholds.items()}
         self._log(pl_module, step, {"threshold_mean": mean}, layer_extra)
-        self._last_logged_step = step
 
     def _check_optimized(self, trainer: pl.Trainer) -> None:
         """Every ``s_l`` must be trained by an optimizer; warn where nothing decays it."""
@@ -531,8 +513,7 @@ class STRPruningCallback(SparseTrainingCallback):
             for group in optimizer.param_groups:
                 for parameter in group["params"]:
                     decay[id(parameter)] = float(group.get("weight_decay", 0.0))
-        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
-        s_params = {name: p.s for name, p in found.items() if isinstance(p, STRParametrization)}
+        s_params = {name: p.s for name, p in self._str_parametrizations().items()}
         missing = [name for name, s in s_params.items() if id(s) not in decay]
         if missing:
             raise MisconfigurationException(

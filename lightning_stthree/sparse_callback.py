@@ -136,6 +136,9 @@ class SparseTrainingCallback(Callback):
         """Whether a run without measured MACs is an error (instead of only not logging them)."""
         return False
 
+    def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Work at the first batch of each optimizer step (threshold updates, logging with :meth:`_log`)."""
+
     # ------------------------------------------------------------------ hooks
 
     @override
@@ -175,6 +178,22 @@ class SparseTrainingCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measure_macs(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history and trainer.global_step <= self.history[-1]["step"]:
+            self.history = []  # the callback is reused for a new run that starts over: so is the plots' history
+        self._last_logged_step = -1
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_logged_step:
+            return  # a later micro-batch of the same optimizer step (gradient accumulation)
+        self._on_optimizer_step_start(pl_module, step)
+        self._last_logged_step = step
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
