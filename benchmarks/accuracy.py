@@ -50,12 +50,12 @@ MODEL = "resnet8"
 
 
 def make_callback(method: str, sparsity: float, s_init: float | None) -> pl.Callback | None:
-    """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training)."""
+    """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training; STR uses ``s_init``)."""
     common: dict[str, Any] = {"report": False, "log_layer_sparsity": False}
     if method == "dense":
         return None
     if method == "str":
-        return STRPruningCallback(s_init=STR_S_INIT[sparsity] if s_init is None else s_init, **common)
+        return STRPruningCallback(s_init=s_init, **common)
     schedule: dict[str, Any] = {"target_sparsity": sparsity, "start": 0.05, "end": 0.5, **common}
     if method == "gmp":
         return ST3PruningCallback(soft_threshold=False, straight_through=False, rescale=False, **schedule)
@@ -73,7 +73,9 @@ def run(
     args: argparse.Namespace,
     s_init: float | None = None,
 ) -> dict[str, Any]:
-    """Train one configuration and measure test accuracy, sparsity and MACs."""
+    """Train one configuration and measure test accuracy, sparsity and MACs (STR: ``s_init`` or the target's)."""
+    if method == "str" and s_init is None:
+        s_init = STR_S_INIT[sparsity]
     pl.seed_everything(seed, verbose=False)
     data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=128, val_size=0, seed=seed)
     if args.train_subset:
@@ -110,7 +112,7 @@ def run(
         "train_seconds": seconds,
     }
     if method == "str":
-        result["s_init"] = STR_S_INIT[sparsity] if s_init is None else s_init
+        result["s_init"] = s_init
     print(json.dumps(result), flush=True)
     return result
 
@@ -208,16 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     for seed in args.seeds:
-        if args.str_s_init:
+        if args.str_s_init:  # a sweep: one row per s_init, which also stands in the `target` column
             results += [run("str", s, seed, args, s_init=s) for s in args.str_s_init]
             continue
         if "dense" in args.methods:
             results.append(run("dense", 0.0, seed, args))
         for sparsity in args.sparsities:
             results += [run(m, sparsity, seed, args) for m in args.methods if m != "dense"]
-    if args.str_s_init:  # a sweep: one row per s_init
-        for r in results:
-            r["target"] = r["s_init"]
     rows = summarize(results) if not args.str_s_init else results
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores)"
     info = {
