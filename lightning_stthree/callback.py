@@ -269,7 +269,6 @@ class ST3PruningCallback(SparseTrainingCallback):
             self._freeze(step)
         elif step % self.update_every == 0:
             self._bring_threshold_up_to_date(step)
-        self._log(pl_module, step)
 
     @override
     def on_train_batch_end(
@@ -373,9 +372,9 @@ class ST3PruningCallback(SparseTrainingCallback):
             if mask is not None:
                 raw_weight(module).masked_fill_(~mask, 0.0)
 
-    def _log(self, pl_module: pl.LightningModule, step: int) -> None:
-        extra = {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}
-        super()._log(pl_module, step, extra)
+    @override
+    def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        return {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}, {}
 
     def _check_run_length_known(self, unbounded: bool) -> None:
         fractions = [name for name in ("start", "end", "freeze_at") if isinstance(getattr(self, name), float)]
@@ -500,11 +499,10 @@ class STRPruningCallback(SparseTrainingCallback):
         self._check_optimized(trainer)
 
     @override
-    def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
+    def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         thresholds = self.thresholds()
         mean = sum(thresholds.values()) / len(thresholds) if thresholds else 0.0
-        layer_extra = {name: {"threshold": value} for name, value in thresholds.items()}
-        self._log(pl_module, step, {"threshold_mean": mean}, layer_extra)
+        return {"threshold_mean": mean}, {name: {"threshold": value} for name, value in thresholds.items()}
 
     def _check_optimized(self, trainer: pl.Trainer) -> None:
         """Every ``s_l`` must be trained by an optimizer; warn where nothing decays it."""

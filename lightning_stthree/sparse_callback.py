@@ -112,6 +112,8 @@ class SparseTrainingCallback(Callback):
         self._layer_macs: dict[str, float] = {}  # dense MACs per sample of every Linear/Conv layer, by name
         self._other_layers: dict[str, nn.Module] = {}  # Linear/Conv layers counted in MACs but not pruned here
         self._last_logged_step = -1
+        self._first_step = 0  # the first optimizer step of the current run (measured and logged whatever the step)
+        self._warned_empty: set[str] = set()  # layers already reported as entirely pruned in this run
 
     @property
     def _name(self) -> str:
@@ -137,7 +139,11 @@ class SparseTrainingCallback(Callback):
         return False
 
     def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
-        """Work at the first batch of each optimizer step (threshold updates, logging with :meth:`_log`)."""
+        """Work at the first batch of each optimizer step, before the measurement (e.g. threshold updates)."""
+
+    def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The method's own values to log at ``step``: model-wide (``<prefix>/<key>``) and per layer."""
+        return {}, {}
 
     # ------------------------------------------------------------------ hooks
 
@@ -184,6 +190,8 @@ class SparseTrainingCallback(Callback):
         if self.history and trainer.global_step <= self.history[-1]["step"]:
             self.history = []  # the callback is reused for a new run that starts over: so is the plots' history
         self._last_logged_step = -1
+        self._first_step = trainer.global_step
+        self._warned_empty = set()
 
     @override
     def on_train_batch_start(
@@ -193,7 +201,17 @@ class SparseTrainingCallback(Callback):
         if step == self._last_logged_step:
             return  # a later micro-batch of the same optimizer step (gradient accumulation)
         self._on_optimizer_step_start(pl_module, step)
+        if self._is_measured_step(trainer, step):
+            self._log(pl_module, step)
         self._last_logged_step = step
+
+    def _is_measured_step(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether ``step``'s values reach the loggers: Lightning writes step metrics every ``log_every_n_steps``
+        optimizer steps (the same rule as its logger connector); the run's first step is measured too (the plots'
+        starting point). Measuring on the other steps would cost a pass over every weight (and on a GPU, a sync per
+        layer) for values nobody sees."""
+        every = trainer.log_every_n_steps
+        return step == self._first_step or bool(trainer.fast_dev_run) or (every > 0 and (step + 1) % every == 0)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,16 +286,13 @@ class SparseTrainingCallback(Callback):
         sparse = sparse_macs(self._layer_macs, densities)
         return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
 
-    def _log(
-        self,
-        pl_module: pl.LightningModule,
-        step: int,
-        extra: dict[str, float],
-        layer_extra: dict[str, dict[str, float]] | None = None,
-    ) -> None:
-        """Log ``<prefix>/sparsity``, the MACs, ``extra`` and the per-layer values, and append to :attr:`history`."""
+    def _log(self, pl_module: pl.LightningModule, step: int) -> None:
+        """Log ``<prefix>/sparsity``, the MACs, the method's :meth:`_metrics` and the per-layer values, append to
+        :attr:`history`, and warn about layers that became entirely pruned."""
         prefix = self.log_prefix
+        extra, layer_extra = self._metrics(step)
         sparsity, per_layer = self.measure_sparsity()
+        self._warn_emptied_layers(step, per_layer)
         macs = self.measure_macs(per_layer)
         pl_module.log(f"{prefix}/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
         for key, value in extra.items():
@@ -287,9 +302,24 @@ class SparseTrainingCallback(Callback):
         if self.log_layer_sparsity:
             for name, value in per_layer.items():
                 pl_module.log(f"{prefix}/layer/{name}/sparsity", value, on_step=True, on_epoch=False)
-                for key, other in (layer_extra or {}).get(name, {}).items():
+                for key, other in layer_extra.get(name, {}).items():
                     pl_module.log(f"{prefix}/layer/{name}/{key}", other, on_step=True, on_epoch=False)
         self.history.append({"step": step, **extra, "sparsity": sparsity, **macs})
+
+    def _warn_emptied_layers(self, step: int, per_layer: dict[str, float]) -> None:
+        """Warn (once per layer and run) when a layer has no weight left: its output no longer depends on its input,
+        which is almost never intended and, with straight-through gradients, usually means training diverged."""
+        emptied = [name for name, value in per_layer.items() if value == 1.0 and name not in self._warned_empty]
+        if not emptied:
+            return
+        self._warned_empty.update(emptied)
+        rank_zero_warn(
+            f"{self._name}: at step {step}, every weight of {emptied} is pruned, so these layers' outputs no longer "
+            "depend on their inputs. With straight-through gradients this usually follows exploding gradients in a "
+            "nearly empty layer followed by BatchNorm (the raw weights and the threshold then blow up). HINT: clip "
+            "gradients (`Trainer(gradient_clip_val=1.0)`), lower the learning rate or the target sparsity, or "
+            "leave such layers out with `exclude`."
+        )
 
     def _measure_macs(self, pl_module: pl.LightningModule) -> None:
         """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""

@@ -244,3 +244,39 @@ def test_measured_sparsity_counts_the_zeros_of_the_effective_weights() -> None:
         assert len(seen) == 6
         for measured, counted in seen:
             assert measured == counted
+
+
+def test_sparsity_is_measured_on_the_steps_the_loggers_write(tmp_path: Path) -> None:
+    """With `log_every_n_steps=3`, Lightning writes steps 2, 5, 8: those are measured (and the run's first step, for
+    the plots), each with the zeros of that step's effective weights; the threshold still moves every step."""
+    thresholds: list[float] = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):  # type: ignore[no-untyped-def]
+            thresholds.append(cb.threshold)
+
+    cb = ST3PruningCallback(0.9, start=0, end=6, report=False)
+    model = TinyNet()
+    quiet_trainer(tmp_path, max_steps=10, log_every_n_steps=3, callbacks=[cb, Spy()]).fit(model, random_loader(10))
+
+    assert [h["step"] for h in cb.history] == [0, 2, 5, 8]
+    metrics = read_metrics(tmp_path)
+    assert [step for step, row in sorted(metrics.items()) if "st3/sparsity" in row] == [2, 5, 8]
+    for row in cb.history[1:]:
+        assert metrics[row["step"]]["st3/sparsity"] == pytest.approx(row["sparsity"], abs=1e-7)
+        assert metrics[row["step"]]["st3/target_sparsity"] == pytest.approx(cubic_reference(row["step"], 0.9, 0, 6))
+    assert len(set(thresholds[:7])) == 7  # a new threshold at every step of the ramp, measured or not
+
+
+def test_a_layer_that_loses_every_weight_is_reported_once() -> None:
+    """A layer whose weights are all below the global threshold is entirely pruned: its output is a constant."""
+    torch.manual_seed(0)
+    model = TinyNet(lr=0.0)  # nothing moves: the layer stays empty
+    with torch.no_grad():
+        model.fc.weight.mul_(1e-6)  # every fc weight is smaller than every conv weight
+    fc_share = model.fc.weight.numel() / (model.fc.weight.numel() + model.conv.weight.numel())
+    cb = ST3PruningCallback(min(fc_share + 0.01, 0.99), start=0, end=0, report=False)
+    with pytest.warns(UserWarning, match=r"at step 0, every weight of \['fc'\] is pruned") as record:
+        quiet_trainer(max_steps=4, callbacks=[cb]).fit(model, random_loader(4))
+    assert sum("every weight of" in str(w.message) for w in record) == 1
+    assert cb.measure_sparsity()[1]["fc"] == 1.0
