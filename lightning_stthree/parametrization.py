@@ -99,17 +99,13 @@ def _rescale_from_sums(full_sum: Tensor, kept_sum: Tensor, count: int, ndim: int
     return torch.where(ratio == 1.0, 1.0, scale).reshape(-1, *([1] * (ndim - 1))).to(dtype)
 
 
-def _effective_weight_value(
-    weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, out: Tensor | None = None
-) -> Tensor:
-    """:func:`effective_weight`'s value for when no gradient flows through it, with at most one large allocation.
+def _effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
+    """:func:`effective_weight`'s value for when no gradient flows through it, with one large allocation.
 
-    On a CPU most of the cost of an elementwise pass over a large weight is allocating its output (page faults), so
-    the soft threshold is built in place in the ``|w|`` buffer: ``relu(|w| - t)`` then the sign of ``w``, written
-    into ``out`` when given (a contiguous tensor of ``weight``'s shape, dtype and device, whose content is
-    overwritten). Pruned entries are zeros. The rescale's kept sum is ``sum(relu(|w| - t)) + t * #kept`` (equal to
-    ``sum(|w| * m)`` up to float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise
-    unchanged).
+    On a CPU most of the cost of an elementwise pass over a large weight is allocating its output, so the soft
+    threshold is built in place in the ``|w|`` buffer: ``relu(|w| - t)`` then the sign of ``w``. Pruned entries
+    are (signed) zeros. The rescale's kept sum is ``sum(relu(|w| - t)) + t * #kept`` (equal to ``sum(|w| * m)`` up to
+    float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise unchanged).
     """
     if weight.dtype not in (torch.float32, torch.float64):
         # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
@@ -124,11 +120,11 @@ def _effective_weight_value(
         full_sum = magnitude.sum(dims, dtype=torch.float32)
         kept_sum = magnitude.masked_fill_(magnitude <= threshold, 0.0).sum(dims, dtype=torch.float32)
         return out.mul_(_rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype))
-    out = weight.abs() if out is None else torch.abs(weight, out=out)
+    out = weight.abs()
     full_sum = out.sum(dims, dtype=torch.float32) if rescale else None
     out.sub_(threshold).clamp_(min=0)  # relu(|w| - t), in place
     if rescale:
-        kept = (out > 0).sum(dims, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
+        kept = torch.sign(out).sum(dims, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
         kept_sum = out.sum(dims, dtype=torch.float32) + threshold.float() * kept
         scale = _rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype)
     out.copysign_(weight)
@@ -138,35 +134,19 @@ def _effective_weight_value(
 
 
 class _StraightThroughEffectiveWeight(torch.autograd.Function):
-    """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator).
-
-    With an ``owner`` (:class:`SoftThresholdParametrization`), the forward pass writes into the owner's reusable
-    output memory when it is free (:meth:`SoftThresholdParametrization._claim_output`), and the backward pass frees it.
-    """
+    """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator)."""
 
     @staticmethod
-    def forward(
-        weight: Tensor,
-        threshold: Tensor,
-        soft_threshold: bool,
-        rescale: bool,
-        owner: SoftThresholdParametrization | None,
-    ) -> Tensor:
-        out = owner._claim_output(weight) if owner is not None and soft_threshold else None
-        value = _effective_weight_value(weight, threshold, soft_threshold, rescale, out)
-        # A new tensor object on the reused memory (sharing its version counter, so that autograd notices if a
-        # graph that saved last step's value is backpropagated after this step overwrote it).
-        return value.detach() if value is out else value
+    def forward(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
+        return _effective_weight_value(weight, threshold, soft_threshold, rescale)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.owner = inputs[4]
+    def setup_context(ctx: object, inputs: tuple[object, ...], output: Tensor) -> None:
+        pass
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:
-        if ctx.owner is not None:
-            ctx.owner._output_in_use = False
-        return grad_output, None, None, None, None
+    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        return grad_output, None, None, None
 
 
 class SparseParametrization(nn.Module):
@@ -225,26 +205,6 @@ class SoftThresholdParametrization(SparseParametrization):
         self.rescale = rescale
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("mask", None, persistent=False)
-        # CPU training only: memory the straight-through forward pass writes the effective weight into, step after
-        # step, instead of allocating it anew (see `_claim_output`). Not a buffer: never saved, moved or copied.
-        self._output: Tensor | None = None
-        self._output_in_use = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickles and deep copies leave the reusable memory out.
-        return {**self.__dict__, "_output": None, "_output_in_use": False}
-
-    def _claim_output(self, weight: Tensor) -> Tensor | None:
-        """Memory for this forward pass's effective weight: the one of the previous step if its graph has been
-        backpropagated (the straight-through backward frees it), else ``None`` (allocate). Layers called several times
-        before a backward pass (weight sharing, two forward passes per step) get fresh memory for the later calls."""
-        if self._output_in_use:
-            return None
-        output = self._output
-        if output is None or (output.shape, output.dtype, output.device) != (weight.shape, weight.dtype, weight.device):
-            output = self._output = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        self._output_in_use = True
-        return output
 
     @property
     def frozen(self) -> bool:
@@ -272,18 +232,7 @@ class SoftThresholdParametrization(SparseParametrization):
         if self.mask is not None:
             return torch.where(self.mask, weight, 0.0)
         if self.straight_through:
-            # On a CPU, allocating a large weight's output costs more than computing it: a training forward pass
-            # reuses the memory of the previous step's effective weight. GPU allocators already cache memory.
-            reuse = (
-                weight.device.type == "cpu"
-                and torch.is_grad_enabled()
-                and weight.requires_grad
-                and not torch.compiler.is_compiling()
-            )
-            owner = self if reuse else None
-            return _StraightThroughEffectiveWeight.apply(
-                weight, self.threshold, self.soft_threshold, self.rescale, owner
-            )
+            return _StraightThroughEffectiveWeight.apply(weight, self.threshold, self.soft_threshold, self.rescale)
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
 
     def extra_repr(self) -> str:

@@ -134,9 +134,8 @@ def test_weight_exactly_at_the_threshold_is_pruned_and_gets_no_gradient_without_
 def test_straight_through_forward_matches_the_reference(
     dtype: torch.dtype, soft_threshold: bool, rescale: bool, training: bool
 ) -> None:
-    # The straight-through forward is computed in place, with fewer kernels (and, in training, into the memory of
-    # the previous call): same zeros, same values up to rounding of the rescale's sums, and bitwise the identity at
-    # threshold 0.
+    # The straight-through forward is computed in place, with fewer kernels (also when autograd records it): same
+    # zeros, same values up to rounding of the rescale's sums, and bitwise the identity at threshold 0.
     generator = torch.Generator().manual_seed(0)
     for shape in [(16, 3, 3, 3), (10, 64), (4, 2, 5)]:
         w = torch.randn(shape, generator=generator).to(dtype).requires_grad_(training)
@@ -145,7 +144,7 @@ def test_straight_through_forward_matches_the_reference(
             param.threshold.fill_(t)
             got = param(w)
             if training:
-                got.sum().backward()  # frees the memory for the next call
+                got.sum().backward()
                 got = got.detach()
             w = w.detach()
             expected = effective_weight(w, torch.tensor(t), soft_threshold, rescale)
@@ -195,31 +194,10 @@ def _training_layer(seed: int = 0) -> nn.Linear:
     return layer
 
 
-def test_training_steps_on_a_cpu_reuse_the_effective_weights_memory() -> None:
-    layer = _training_layer()
-    x = torch.randn(3, 6)
-    pointers = []
-    for _ in range(3):
-        weight = layer.weight
-        torch.nn.functional.linear(x, weight).square().sum().backward()
-        pointers.append(weight.data_ptr())
-        with torch.no_grad():
-            layer.parametrizations.weight.original.sub_(0.01 * layer.parametrizations.weight.original.grad)
-    # The first step may get fresh memory (registration evaluated the parametrization once, without a backward).
-    assert pointers[1] == pointers[2] == layer.parametrizations.weight[0]._output.data_ptr()
-    with torch.no_grad():  # evaluation gets a fresh tensor: it may be kept by the caller
-        evaluated = layer.weight
-    assert evaluated.data_ptr() != pointers[0]
-    raw = layer.parametrizations.weight.original.detach()
-    torch.testing.assert_close(evaluated, effective_weight(raw, torch.tensor(0.5)), rtol=1e-6, atol=0)
-
-
 def test_a_layer_called_twice_before_backward_gets_the_exact_straight_through_gradient() -> None:
-    # Weight sharing: the second call must not overwrite the effective weight the first call saved for backward.
+    # Weight sharing: the gradients of both uses of the effective weight reach the raw weight, unchanged.
     layer = _training_layer()
-    x = torch.randn(3, 6, requires_grad=True)  # both calls save the effective weight (for the inputs' gradients)
-    layer(x).sum().backward()  # a first step: from now on the memory is free between steps
-    layer.parametrizations.weight.original.grad = None
+    x = torch.randn(3, 6, requires_grad=True)
     weight = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     layer(layer(x) @ weight).square().sum().backward()
     # Reference: the same computation on a plain tensor holding the effective weight; straight-through gradient.
@@ -228,32 +206,3 @@ def test_a_layer_called_twice_before_backward_gets_the_exact_straight_through_gr
     linear = torch.nn.functional.linear
     linear(linear(x, effective) @ weight, effective).square().sum().backward()
     torch.testing.assert_close(layer.parametrizations.weight.original.grad, effective.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_backward_through_a_graph_whose_effective_weight_was_overwritten_raises() -> None:
-    # Autograd's version counter guards the reused memory: an error, never a silently wrong gradient.
-    layer = _training_layer()
-    x = torch.randn(3, 6, requires_grad=True)  # so that the effective weight is saved for the input's gradient
-    layer(x).sum().backward()  # a first step: from now on the memory is free between steps
-    first = layer(x).sum()
-    first.backward(retain_graph=True)
-    layer(x).sum().backward()  # reuses (overwrites) the memory the retained first graph saved
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        first.backward()
-
-
-def test_copies_and_pickles_leave_the_reused_memory_out() -> None:
-    import copy
-    import pickle
-
-    layer = _training_layer()
-    layer(torch.randn(3, 6)).sum().backward()
-    assert layer.parametrizations.weight[0]._output is not None
-    clone = copy.deepcopy(layer)  # torch pickles parametrized modules only through their state_dict
-    for parametrization in (
-        clone.parametrizations.weight[0],
-        pickle.loads(pickle.dumps(layer.parametrizations.weight[0])),
-    ):
-        assert parametrization._output is None
-        assert not parametrization._output_in_use
-    torch.testing.assert_close(clone.weight, layer.weight)
