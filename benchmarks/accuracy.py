@@ -73,6 +73,49 @@ def make_callback(method: str, sparsity: float, s_init: float | None) -> pl.Call
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
+def fit_and_test(
+    callbacks: list[pl.Callback],
+    seed: int,
+    *,
+    epochs: int = 1,
+    lr: float = 0.1,
+    gradient_clip_val: float | None = None,
+    accelerator: str = "cpu",
+    data_dir: str | None = None,
+    train_subset: int = 0,
+    test_subset: int = 10_000,
+) -> tuple[ImageClassifier, float, float]:
+    """Train this benchmark's model and recipe with ``callbacks`` (see the module docstring).
+
+    Returns:
+        The trained module, its test accuracy and the training time in seconds.
+    """
+    pl.seed_everything(seed, verbose=False)
+    data = FashionMNISTDataModule(data_dir=data_dir, batch_size=128, val_size=0, seed=seed)
+    if train_subset:
+        data.setup("fit")
+        data.train_dataset = Subset(data.train_dataset, range(train_subset))
+        data.setup("test")
+        data.test_dataset = Subset(data.test_dataset, range(test_subset))
+    model = ImageClassifier(model=MODEL, in_channels=1, image_size=28, lr=lr, weight_decay=5e-4)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=gradient_clip_val,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - start
+    return model, trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"], seconds
+
+
 def run(
     method: str,
     sparsity: float,
@@ -83,31 +126,17 @@ def run(
     """Train one configuration and measure test accuracy, sparsity and MACs (STR: ``s_init`` or the target's)."""
     if method == "str" and s_init is None:
         s_init = STR_S_INIT[sparsity]
-    pl.seed_everything(seed, verbose=False)
-    data = FashionMNISTDataModule(data_dir=args.data_dir, batch_size=128, val_size=0, seed=seed)
-    if args.train_subset:
-        data.setup("fit")
-        data.train_dataset = Subset(data.train_dataset, range(args.train_subset))
-        data.setup("test")
-        data.test_dataset = Subset(data.test_dataset, range(args.test_subset))
-    model = ImageClassifier(model=MODEL, in_channels=1, image_size=28, lr=0.1, weight_decay=5e-4)
     callback = make_callback(method, sparsity, s_init)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=1,
-        callbacks=[] if callback is None else [callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    model, accuracy, seconds = fit_and_test(
+        [] if callback is None else [callback],
+        seed,
+        epochs=args.epochs,
         gradient_clip_val=args.gradient_clip_val or None,
+        accelerator=args.accelerator,
+        data_dir=args.data_dir,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
     )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    seconds = time.perf_counter() - start
-    accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     total = sparsity_report(model.model, example_input=torch.zeros(1, 1, 28, 28, device=model.device))[-1]
     result = {
         "method": method,

@@ -16,10 +16,9 @@ import argparse
 from typing import Any
 
 import lightning.pytorch as pl
+from accuracy import fit_and_test  # this folder's accuracy benchmark: the same model and recipe
 
 from lightning_stthree import ST3PruningCallback
-from lightning_stthree.data import FashionMNISTDataModule
-from lightning_stthree.models import ImageClassifier
 
 # name -> (callback arguments, other settings)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -51,27 +50,12 @@ class ThresholdProbe(pl.Callback):
 
 def run(variant: str, sparsity: float, seed: int) -> dict[str, Any]:
     callback_args, settings = VARIANTS[variant]
-    pl.seed_everything(seed, verbose=False)
-    data = FashionMNISTDataModule(batch_size=128, val_size=0, seed=seed)
-    lr = settings.get("lr", 0.1)
-    model = ImageClassifier(model="resnet8", in_channels=1, image_size=28, lr=lr, weight_decay=5e-4)
     schedule = {"start": 0.05, "end": 0.5, **callback_args}
     pruning = ST3PruningCallback(target_sparsity=sparsity, report=False, log_layer_sparsity=False, **schedule)
     probe = ThresholdProbe(pruning)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[pruning, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=settings.get("clip"),
+    _, accuracy, _ = fit_and_test(
+        [pruning, probe], seed, lr=settings.get("lr", 0.1), gradient_clip_val=settings.get("clip")
     )
-    trainer.fit(model, datamodule=data)
-    accuracy = trainer.test(model, datamodule=data, verbose=False)[0]["test_acc"]
     per_layer = pruning.measure_sparsity()[1]
     emptiest = max(per_layer, key=per_layer.__getitem__)
     return {
