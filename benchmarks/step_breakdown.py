@@ -3,7 +3,7 @@
     python benchmarks/step_breakdown.py [--model resnet18|resnet20] [--steps 16]
 
 A plain PyTorch loop (no Lightning) over a dense model and the same model with the ST-3 parametrization on every
-Conv/Linear weight, steps interleaved. Each ST-3 step recomputes the global threshold at 90% sparsity with the package's
+Conv/Linear weight, steps interleaved. Each ST-3 step checks that the raw weights are finite and recomputes the global threshold at 90% sparsity with the package's
 selection (searched near the previous threshold, as the callback does) before its forward pass. Prints the median time
 of each phase over the steps after the first three, for both models, and the median per-step ratio.
 """
@@ -21,9 +21,9 @@ from torch import nn
 
 from lightning_stthree.models import cifar_resnet
 from lightning_stthree.parametrization import raw_weight, register_st3_parametrization
-from lightning_stthree.threshold import global_threshold
+from lightning_stthree.threshold import global_threshold, nonfinite_counts
 
-PHASES = ("selection", "forward", "backward", "optimizer")
+PHASES = ("finite", "selection", "forward", "backward", "optimizer")
 
 
 def main() -> None:
@@ -44,6 +44,9 @@ def main() -> None:
 
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, pruned: bool) -> tuple[float, ...]:
         start = time.perf_counter()
+        if pruned and nonfinite_counts([raw_weight(m) for m in layers]):
+            raise FloatingPointError("the ST-3 model's weights diverged")
+        checked = time.perf_counter()
         if pruned:
             threshold = global_threshold([raw_weight(m) for m in layers], 0.9, pivot=previous[0], window=0.01)
             previous[0] = float(threshold)
@@ -56,7 +59,7 @@ def main() -> None:
         backward = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
-        return selected - start, forward - selected, backward - forward, time.perf_counter() - backward
+        return checked - start, selected - checked, forward - selected, backward - forward, time.perf_counter() - backward
 
     runs = {
         "dense": (dense, torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9), False),

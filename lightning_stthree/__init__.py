@@ -18,6 +18,7 @@ from lightning_stthree.str_pruning import STRParametrization, register_str_param
 from lightning_stthree.threshold import (
     global_threshold,
     layer_score_factor,
+    nonfinite_counts,
     num_pruned,
     pruning_scores,
     weighted_global_threshold,
@@ -40,6 +41,7 @@ __all__ = [
     "load_sparse_weights",
     "make_permanent",
     "measure_layer_macs",
+    "nonfinite_counts",
     "num_pruned",
     "pruning_scores",
     "register_st3_parametrization",

@@ -35,6 +35,7 @@ from lightning_stthree.threshold import (
     Criterion,
     global_threshold,
     layer_score_factor,
+    nonfinite_counts,
     weighted_global_threshold,
 )
 
@@ -44,6 +45,7 @@ StepSpec = int | float
 # Narrowest window searched around the previous threshold, relative to it.
 MIN_PIVOT_WINDOW = 1e-3
 BUDGETS: tuple[str, ...] = ("params", "flops")
+NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
 
 
 def _check_step_spec(name: str, value: object) -> None:
@@ -127,6 +129,10 @@ class ST3PruningCallback(SparseTrainingCallback):
         report: Print the per-layer sparsity and MACs table when ``fit`` ends (rank zero only).
         save_plots: When ``fit`` ends, save ``st3_sparsity.png`` and ``st3_layers.png`` in the Trainer's log
             directory, and log them as figures to a TensorBoard logger. Needs matplotlib (the ``plot`` extra).
+        on_nonfinite: What a threshold update does when a prunable raw weight holds NaN or Inf (training has
+            diverged, and a threshold over such weights means nothing): ``"raise"`` (default) a
+            ``FloatingPointError`` that names the layers and the step; ``"warn"`` keep the last threshold and skip
+            the update for as long as it lasts (warned once per run). The check costs one sum per layer per update.
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -164,6 +170,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         input_shape: list[int] | None = None,
         report: bool = True,
         save_plots: bool = False,
+        on_nonfinite: Literal["raise", "warn"] = "raise",
     ) -> None:
         if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
             raise TypeError(f"`target_sparsity` must be a float in [0, 1), got {target_sparsity!r}")
@@ -192,6 +199,8 @@ class ST3PruningCallback(SparseTrainingCallback):
             raise ValueError(f"`update_every` must be an int >= 1 (optimizer steps), got {update_every!r}")
         if budget not in BUDGETS:
             raise ValueError(f"`budget` must be one of {BUDGETS}, got {budget!r}")
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
         super().__init__(
             include_types=include_types,
             exclude=exclude,
@@ -212,6 +221,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         self.update_every = update_every
         self.freeze_at = freeze_at
         self.budget = budget
+        self.on_nonfinite = on_nonfinite
 
         # Run state: plain Python, saved in checkpoints (see `state_dict`).
         self.sparsity = 0.0  # scheduled sparsity at the last threshold update
@@ -223,6 +233,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         self._freeze_step: int | None = None
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
         self._last_relative_move = PIVOT_WINDOW  # of the global threshold at the last update, relative
+        self._warned_nonfinite = False  # in this run (`on_nonfinite="warn"`)
 
     @property
     @override
@@ -257,6 +268,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._warned_nonfinite = False
         self._resolve_schedule(trainer.estimated_stepping_batches)
         if trainer.global_step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
@@ -321,6 +333,8 @@ class ST3PruningCallback(SparseTrainingCallback):
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
+        if not self._weights_finite(step, weights):
+            return
         # The threshold moves little from step to step: search first around the last one, in a window twice as wide
         # as its last relative move (so that the few weights inside are cheap to sort).
         pivot = self.threshold if self.threshold > 0 else None
@@ -338,6 +352,35 @@ class ST3PruningCallback(SparseTrainingCallback):
         self.sparsity = sparsity
         self.threshold = float(threshold)
         self.last_update_step = step
+
+    def _weights_finite(self, step: int, weights: list[torch.Tensor]) -> bool:
+        """Whether every raw weight is finite; if not, raise or warn as ``on_nonfinite`` says."""
+        bad = nonfinite_counts(weights)
+        if not bad:
+            return True
+        names = list(self._layers)
+        where = ", ".join(
+            f"`{names[i]}` ({nans} NaN and {infs} Inf of {weights[i].numel()})" for i, (nans, infs) in bad.items()
+        )
+        message = (
+            f"ST3PruningCallback: at optimizer step {step}, the raw weights of {where} are not finite, so no "
+            "meaningful global threshold exists (training has diverged)."
+        )
+        hint = (
+            " HINT: clip gradients (`Trainer(gradient_clip_val=1.0)`) or lower the learning rate; "
+            "`Trainer(detect_anomaly=True)` finds the operation that produced the first NaN."
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                message + hint + " Pass `on_nonfinite='warn'` to keep the last threshold instead of stopping."
+            )
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                message + f" The threshold stays at {self.threshold:.6g} and updates are skipped while any weight is "
+                "not finite (`on_nonfinite='warn'`; warned once per run)." + hint
+            )
+        return False
 
     def _bring_threshold_up_to_date(self, step: int) -> None:
         if not self.frozen and self._start_step is not None and step != self.last_update_step:

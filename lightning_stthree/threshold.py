@@ -140,3 +140,36 @@ def weighted_global_threshold(
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
     return select_threshold(weights, factors, shares, goal, pivot, window)
+
+
+@torch.no_grad()
+def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
+    """Which tensors hold NaN or infinite entries: ``{index: (number of NaNs, number of infinities)}``.
+
+    A threshold selected over such weights means nothing (NaN scores are never counted, infinite ones always sort
+    last), so the callback checks before every threshold update. The common case, all finite, costs one sum per tensor
+    and one device sync: a sum is finite whenever every entry is (barring overflow, which the exact count below then
+    clears); only the tensors whose sum is not finite are counted entry by entry.
+
+    Args:
+        weights: Floating-point tensors on one device.
+
+    Returns:
+        The offending tensors' indices in ``weights`` with their NaN and infinity counts; empty if all are finite.
+
+    Example::
+
+        >>> nonfinite_counts([torch.ones(3), torch.tensor([1.0, float("nan"), float("-inf")])])
+        {1: (1, 1)}
+    """
+    if not weights:
+        return {}
+    sums = torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in weights])
+    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    found: dict[int, tuple[int, int]] = {}
+    for index in suspects:
+        weight = weights[index].detach()
+        nans, infs = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+        if nans or infs:
+            found[index] = (nans, infs)
+    return found

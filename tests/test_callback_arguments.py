@@ -29,6 +29,7 @@ from lightning_stthree import ST3PruningCallback
         ({"log_layer_sparsity": 0}, TypeError, r"`log_layer_sparsity` must be True or False, got 0"),
         ({"update_every": 0}, ValueError, r"`update_every` must be an int >= 1 \(optimizer steps\), got 0"),
         ({"update_every": 2.0}, ValueError, r"`update_every` must be an int >= 1 \(optimizer steps\), got 2.0"),
+        ({"on_nonfinite": "ignore"}, ValueError, r"`on_nonfinite` must be one of \('raise', 'warn'\), got 'ignore'"),
         ({"include_types": ["Linear", "LSTM"]}, ValueError, r"`include_types` has unknown layer types \['LSTM'\]"),
         ({"include_types": []}, ValueError, r"`include_types` must name at least one of"),
         ({"include_types": "Linear"}, TypeError, r"`include_types` must be a list of layer type names, got 'Linear'"),

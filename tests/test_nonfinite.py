@@ -1,0 +1,91 @@
+"""A NaN or Inf in a prunable weight stops the threshold update with an error naming the layer and the step."""
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import TinyNet, quiet_trainer, random_loader
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_stthree import ST3PruningCallback, nonfinite_counts
+from lightning_stthree.parametrization import raw_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nonfinite_counts_match_numpy(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(50, 7, generator=generator).to(dtype) for _ in range(4)]
+    weights[1][3, 2] = float("nan")
+    weights[1][0, 0] = float("-inf")
+    weights[3].view(-1)[::9] = float("inf")
+    # +Inf and -Inf in one tensor sum to NaN; large finite values whose sum overflows are not reported.
+    weights[2][0, :2] = torch.tensor([float("inf"), float("-inf")])
+    weights.append(torch.full((10,), torch.finfo(dtype).max, dtype=dtype))
+    expected = {}
+    for index, weight in enumerate(weights):
+        array = weight.double().numpy()
+        nans, infs = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        if nans or infs:
+            expected[index] = (nans, infs)
+    assert expected == {1: (1, 1), 2: (0, 2), 3: (0, 39)}
+    assert nonfinite_counts(weights) == expected
+    assert nonfinite_counts(weights[:1]) == {} and nonfinite_counts([]) == {}
+
+
+class _Poison(Callback):
+    """Writes NaN and Inf into raw weights of ``fc`` after optimizer step ``at`` (like a diverged update); with
+    ``repair``, puts the old values back at the next batch start, after the pruning callback saw them (so that the NaN
+    never reaches the forward pass and the other weights)."""
+
+    def __init__(self, at: int, repair: bool = False) -> None:
+        self.at, self.repair = at, repair
+        self.saved: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                self.saved = raw_weight(pl_module.fc)[:2, 0].clone()
+                raw_weight(pl_module.fc)[:2, 0] = torch.tensor([float("nan"), float("inf")])
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
+        if self.repair and self.saved is not None:
+            with torch.no_grad():
+                raw_weight(pl_module.fc)[:2, 0] = self.saved
+            self.saved = None
+
+
+def test_nan_weight_raises_naming_the_layer_and_the_step() -> None:
+    model = TinyNet()
+    callback = ST3PruningCallback(0.8, start=0, end=8, report=False)
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback, _Poison(at=3)])
+    message = (
+        r"at optimizer step 3, the raw weights of `fc` \(1 NaN and 1 Inf of 5760\) are not finite.*"
+        r"gradient_clip_val.*detect_anomaly.*on_nonfinite='warn'"
+    )
+    with pytest.raises(FloatingPointError, match=message):
+        trainer.fit(model, random_loader(10))
+    assert callback.last_update_step == 2
+
+
+def test_warn_keeps_the_last_threshold_until_the_weights_are_finite_again() -> None:
+    model = TinyNet()
+    callback = ST3PruningCallback(0.8, start=0, end=8, report=False, on_nonfinite="warn")
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback, _Poison(at=3, repair=True)])
+    with pytest.warns(UserWarning, match=r"at optimizer step 3.*`fc`.*threshold stays at .*warned once per run") as rec:
+        trainer.fit(model, random_loader(10))
+    assert sum("are not finite" in str(w.message) for w in rec) == 1
+    thresholds = {row["step"]: row["threshold"] for row in callback.history}
+    assert thresholds[3] == thresholds[2] > 0  # the skipped update kept the step-2 threshold
+    assert thresholds[4] > thresholds[3]  # finite again: updates resume on the schedule
+    assert callback.last_update_step == 10 and callback.sparsity == pytest.approx(0.8)
+
+
+def test_warn_mode_survives_a_run_that_stays_diverged() -> None:
+    callback = ST3PruningCallback(0.8, start=0, end=8, report=False, on_nonfinite="warn")
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback, _Poison(at=3)])
+    with pytest.warns(UserWarning, match="are not finite") as rec:
+        trainer.fit(TinyNet(), random_loader(10))
+    assert sum("are not finite" in str(w.message) for w in rec) == 1  # NaN everywhere from step 4 on: warned once
+    thresholds = [row["threshold"] for row in callback.history]
+    assert len(thresholds) == 10 and len(set(thresholds[2:])) == 1 and callback.last_update_step == 2
