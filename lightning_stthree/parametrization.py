@@ -51,6 +51,18 @@ def channel_rescale(weight: Tensor, keep: Tensor) -> Tensor:
     return scale.to(weight.dtype)
 
 
+def above_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
+    """Boolean mask of the kept weights, ``|w| > t``, compared in at least float32.
+
+    Half-precision weights (``precision="bf16-true"`` / ``"16-true"``) are compared as float32, against the float32
+    threshold: every bf16/fp16 magnitude is exact in float32, so the mask is exactly the rule the global selection
+    counted with (rounding the threshold to bf16 instead could prune weights that rank above it).
+    """
+    if weight.dtype in (torch.float32, torch.float64):
+        return weight.abs() > threshold.to(weight.dtype)
+    return weight.abs().float() > threshold.float()
+
+
 def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = True, rescale: bool = True) -> Tensor:
     r"""The weight the forward pass uses, given the raw weight and this layer's threshold on magnitudes.
 
@@ -60,7 +72,8 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
         \quad \text{(soft)}, \qquad
         w_{\mathrm{eff}} = \mathrm{scale} \cdot w \cdot \mathbb{1}[|w| > t] \quad \text{(hard)}
 
-    Entries with ``|w| <= t`` are exactly zero in both cases. With ``t = 0`` the weight passes through unchanged
+    Entries with ``|w| <= t`` are exactly zero in both cases. Half-precision weights are thresholded and rescaled in
+    float32 and rounded back once. With ``t = 0`` the weight passes through unchanged
     (bitwise), which is how a dense phase of the schedule is represented. Differentiable with respect to ``weight``
     everywhere the mask is 1 (the scale is treated as a constant); :class:`SoftThresholdParametrization` swaps this
     gradient for the straight-through one.
@@ -79,8 +92,12 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
         >>> effective_weight(torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor(0.15), rescale=False)
         tensor([[ 0.3500, -0.0500,  0.0000]])
     """
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        # In half precision `|w| - t` with `t` rounded to the weight's dtype can give 0 (or flip the sign) for a kept
+        # weight just above the threshold: compute in float32 and round once.
+        return effective_weight(weight.float(), threshold, soft_threshold, rescale).to(weight.dtype)
+    keep = above_threshold(weight, threshold)
     threshold = threshold.to(weight.dtype)
-    keep = weight.abs() > threshold
     if soft_threshold:
         # Equals sign(w) * max(|w| - t, 0) bitwise; the `where` also gives pruned entries (|w| == t included) an
         # exactly zero gradient when autograd differentiates this function (``straight_through=False``).
@@ -216,11 +233,19 @@ class SoftThresholdParametrization(SparseParametrization):
         fine-tune phase, the zeros of ``where(mask, w, 0)`` (masked entries and kept weights that are exactly 0)."""
         if self.mask is not None:
             return torch.where(self.mask, weight, 0.0) == 0
-        return weight.abs() <= self.threshold.to(weight.dtype)
+        return ~above_threshold(weight, self.threshold)
 
     def missing_state(self) -> dict[str, Tensor]:
         """A dense state dict loads with threshold 0 (unchanged weights until the next threshold update)."""
         return {"threshold": torch.zeros((), dtype=torch.float32)}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SoftThresholdParametrization:
+        """Moves like any module, but the threshold stays float32 when the model is cast (``precision="bf16-true"``
+        casts every floating buffer): the selection's threshold is a float32 score, and bf16 would round it."""
+        super()._apply(fn, recurse)
+        if self.threshold.dtype != torch.float32:
+            self.threshold = self.threshold.float()
+        return self
 
     def freeze(self, mask: Tensor) -> None:
         """Apply the fixed boolean ``mask`` from now on, instead of the threshold (which is set to 0)."""
