@@ -3,9 +3,10 @@
     python benchmarks/step_breakdown.py [--model resnet18|resnet20] [--steps 16]
 
 A plain PyTorch loop (no Lightning) over a dense model and the same model with the ST-3 parametrization on every
-Conv/Linear weight, steps interleaved. Each ST-3 step checks that the raw weights are finite and recomputes the global threshold at 90% sparsity with the package's
-selection (searched near the previous threshold, as the callback does) before its forward pass. Prints the median time
-of each phase over the steps after the first three, for both models, and the median per-step ratio.
+Conv/Linear weight, steps interleaved. Each ST-3 step checks that the raw weights are finite and recomputes the global
+threshold at 90% sparsity with the package's selection (searched near the previous threshold, as the callback does)
+before its forward pass. Prints the median time of each phase over the steps after the first three, for both models, and
+the median per-step ratio.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ def main() -> None:
         backward = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
-        return checked - start, selected - checked, forward - selected, backward - forward, time.perf_counter() - backward
+        return (
+            checked - start,
+            selected - checked,
+            forward - selected,
+            backward - forward,
+            time.perf_counter() - backward,
+        )
 
     runs = {
         "dense": (dense, torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9), False),

@@ -43,7 +43,9 @@ class _LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -66,7 +68,8 @@ def test_compiled_lightning_module_trains_with_one_graph_and_no_graph_break(back
     counters.clear()
     losses, thresholds, model = _fit_tiny_net(backend)
     # The threshold changed at every step of the ramp ...
-    assert len(set(thresholds[:6])) == 6 and thresholds[0] == 0.0
+    assert len(set(thresholds[:6])) == 6
+    assert thresholds[0] == 0.0
     # ... yet Dynamo compiled the forward once, with no graph break (the threshold is a tensor, not a Python float).
     assert counters["stats"]["unique_graphs"] == 1
     assert dict(counters["graph_break"]) == {}

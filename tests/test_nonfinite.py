@@ -30,7 +30,8 @@ def test_nonfinite_counts_match_numpy(dtype: torch.dtype) -> None:
             expected[index] = (nans, infs)
     assert expected == {1: (1, 1), 2: (0, 2), 3: (0, 39)}
     assert nonfinite_counts(weights) == expected
-    assert nonfinite_counts(weights[:1]) == {} and nonfinite_counts([]) == {}
+    assert nonfinite_counts(weights[:1]) == {}
+    assert nonfinite_counts([]) == {}
 
 
 class _Poison(Callback):
@@ -42,7 +43,9 @@ class _Poison(Callback):
         self.at, self.repair = at, repair
         self.saved: torch.Tensor | None = None
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
         if trainer.global_step == self.at:
             with torch.no_grad():
                 self.saved = raw_weight(pl_module.fc)[:2, 0].clone()
@@ -78,7 +81,8 @@ def test_warn_keeps_the_last_threshold_until_the_weights_are_finite_again() -> N
     thresholds = {row["step"]: row["threshold"] for row in callback.history}
     assert thresholds[3] == thresholds[2] > 0  # the skipped update kept the step-2 threshold
     assert thresholds[4] > thresholds[3]  # finite again: updates resume on the schedule
-    assert callback.last_update_step == 10 and callback.sparsity == pytest.approx(0.8)
+    assert callback.last_update_step == 10
+    assert callback.sparsity == pytest.approx(0.8)
 
 
 def test_warn_mode_survives_a_run_that_stays_diverged() -> None:
@@ -88,4 +92,6 @@ def test_warn_mode_survives_a_run_that_stays_diverged() -> None:
         trainer.fit(TinyNet(), random_loader(10))
     assert sum("are not finite" in str(w.message) for w in rec) == 1  # NaN everywhere from step 4 on: warned once
     thresholds = [row["threshold"] for row in callback.history]
-    assert len(thresholds) == 10 and len(set(thresholds[2:])) == 1 and callback.last_update_step == 2
+    assert len(thresholds) == 10
+    assert len(set(thresholds[2:])) == 1
+    assert callback.last_update_step == 2
