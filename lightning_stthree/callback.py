@@ -19,6 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
+from lightning_stthree.layers import pruned_tensor
 from lightning_stthree.parametrization import (
     SoftThresholdParametrization,
     find_sparse_parametrization,
@@ -68,7 +69,8 @@ class ST3PruningCallback(SparseTrainingCallback):
     r"""Sparse training with ST-3: soft threshold, straight-through gradients, one global threshold per step.
 
     From ``arXiv:2212.01076`` (Vanderschueren & De Vleeschouwer, WACV 2023). At setup, the ``weight`` of every
-    prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d`` by default, first conv and classifier included) gets a
+    prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d`` by default, first conv and classifier included, and the
+    ``in_proj_weight`` of ``nn.MultiheadAttention``) gets a
     :class:`~lightning_stthree.parametrization.SoftThresholdParametrization`. At the start of every optimizer step
     (every ``update_every`` steps) one global threshold ``t`` is recomputed from all raw weights so that the pruned
     fraction equals the scheduled sparsity
@@ -110,8 +112,9 @@ class ST3PruningCallback(SparseTrainingCallback):
             kept weights only.
         rescale: Per-output-channel rescale that restores the magnitude removed by pruning (ST-3).
         update_every: Recompute the threshold every this many optimizer steps (``>= 1``).
-        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d"]`` (default:
-            all four; subclasses included).
+        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d",
+            "MultiheadAttention"]`` (default: all five; subclasses included; an attention layer's pruned tensor is
+            its packed ``in_proj_weight``, its ``out_proj`` is a ``Linear``).
         exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
             that matches no prunable layer is an error.
         log_layer_sparsity: Also log each layer's measured sparsity.
@@ -395,7 +398,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         if step != self.last_update_step:
             self.update_threshold(step)
         for module in self._layers.values():
-            raw_weight(module).copy_(module.weight)
+            raw_weight(module).copy_(pruned_tensor(module))
         self._fix_masks()
         rank_zero_info(
             f"ST3PruningCallback: mask frozen at step {step} (fine-tune phase), sparsity {self.sparsity:.4f}"

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_stthree.parametrization import RAW_WEIGHT_KEY, find_sparse_parametrization, remove_st3_parametrization
+from lightning_stthree.parametrization import RAW_KEY_PATTERN, find_sparse_parametrization, remove_st3_parametrization
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -74,8 +74,9 @@ def sparse_state_dict(checkpoint: str | os.PathLike[str] | Mapping[str, Any], pr
     if not all(isinstance(k, str) for k in state):
         raise KeyError("`checkpoint` is neither a Lightning checkpoint (no 'state_dict' entry) nor a state dict")
     for key in state:
-        if key.endswith(RAW_WEIGHT_KEY):
-            effective = key[: -len(RAW_WEIGHT_KEY)] + "weight"
+        raw = RAW_KEY_PATTERN.match(key)
+        if raw is not None:
+            effective = raw["prefix"] + raw["name"]
             if effective not in state:
                 raise KeyError(
                     f"The checkpoint has the raw ST-3 weight '{key}' but not the effective weight '{effective}'; it "

@@ -8,6 +8,7 @@ MACs are its density times its dense MACs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,14 +47,17 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
     """Dense MACs per input sample of each of ``layers``, from one forward pass of ``model`` on ``example_input``.
 
     The model is run in eval mode under ``no_grad`` (so batch-norm statistics and every other buffer stay as they are)
-    and its train/eval flags are restored afterwards; nothing is registered on it. An example batch of B inputs counts
+    and its train/eval flags are restored afterwards; the forward pre-hooks that record attention layers' input shapes
+    are removed afterwards. An example batch of B inputs counts
     1/B of its total. A layer called several times in one forward pass counts each call.
 
     Args:
         model: The model (parametrized or not); its ``forward`` takes ``example_input`` (a tensor, or a tuple/list
             of positional arguments, or a dict of keyword arguments, as Lightning's ``example_input_array``).
-            Layers used through the functional API rather than called (e.g. ``nn.MultiheadAttention.out_proj``) or
-            only called in training mode (e.g. auxiliary heads) measure 0.
+            Layers used through the functional API rather than called or only called in training mode (e.g.
+            auxiliary heads) measure 0. ``nn.MultiheadAttention`` counts only its input projections (``in_proj``,
+            from the query/key/value shapes of each call; the attention products are not a layer's weights) and gives
+            its ``out_proj``, which it uses functionally, the MACs of the calls it made.
         example_input: An example batch; moved to the model's device and floating dtype.
         layers: The layers to report, by module name in ``model`` (e.g. from ``find_prunable_layers``).
 
@@ -70,6 +74,12 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
     arguments = _to_model(example_input, reference)
     modes = {module: module.training for module in model.modules()}
     fast_path = torch.backends.mha.get_fastpath_enabled()
+    attention_macs: dict[str, dict[str, float]] = {}
+    hooks = [
+        module.register_forward_pre_hook(functools.partial(_record_attention, attention_macs, name), with_kwargs=True)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    ]
     model.eval()
     # In eval mode under no_grad, attention and transformer layers take a fused "fast path" that bypasses their
     # Linear submodules; turn it off so their MACs are attributed to them.
@@ -84,13 +94,36 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
             else:
                 model(arguments)
     finally:
+        for hook in hooks:
+            hook.remove()
         torch.backends.mha.set_fastpath_enabled(fast_path)
         for module, training in modes.items():
             module.training = training
     counts = counter.get_flop_counts()
     root = type(model).__name__
     batch = _batch_size(example_input)
-    return {name: sum(counts.get(f"{root}.{name}", {}).values()) / FLOPS_PER_MAC / batch for name in layers}
+    macs = {name: sum(counts.get(f"{root}.{name}", {}).values()) / FLOPS_PER_MAC for name in layers}
+    # An attention layer's own count also holds its attention products and its `out_proj` (which it calls
+    # functionally): count its projections from the shapes it was called with instead.
+    for attention, projections in attention_macs.items():
+        for suffix, value in projections.items():
+            name = f"{attention}.{suffix}" if suffix else attention
+            if name in macs:
+                macs[name] = value
+    return {name: value / batch for name, value in macs.items()}
+
+
+def _record_attention(
+    macs: dict[str, dict[str, float]], name: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict
+) -> None:
+    """Forward pre-hook: add one call's MACs of the input projections (``""``) and of ``out_proj``."""
+    query, key, value = (args[i] if i < len(args) else kwargs[k] for i, k in enumerate(("query", "key", "value")))
+    tokens = [t.numel() // t.shape[-1] for t in (query, key, value)]
+    embed = module.embed_dim
+    widths = (embed, module.kdim, module.vdim)
+    calls = macs.setdefault(name, {"": 0.0, "out_proj": 0.0})
+    calls[""] += float(sum(n * width * embed for n, width in zip(tokens, widths, strict=True)))
+    calls["out_proj"] += float(tokens[0] * embed * embed)
 
 
 def sparse_macs(dense_macs: Mapping[str, float], densities: Mapping[str, float]) -> float:

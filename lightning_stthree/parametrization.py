@@ -9,11 +9,14 @@ only holds the per-layer threshold buffer and chooses the gradient.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
 # channel-mean ratio defined for all-zero channels, and the offset that bounds the scale by 1.01 / 0.01 = 101.
@@ -190,26 +193,28 @@ class SparseParametrization(nn.Module):
 class SoftThresholdParametrization(SparseParametrization):
     """Parametrization registered on a prunable ``weight`` by :class:`~lightning_stthree.ST3PruningCallback`.
 
-    Holds this layer's threshold on raw magnitudes as a 0-dim float32 buffer (saved in the ``state_dict``, so a
-    checkpoint reproduces the effective weights on its own). The threshold enters the forward pass as a tensor, never as
-    a Python number, so changing it never recompiles a compiled model. A threshold of 0 is the identity.
+        Holds this layer's threshold on raw magnitudes as a 0-dim float32 buffer (saved in the ``state_dict``, so a
+        checkpoint reproduces the effective weights on its own). The threshold enters the forward pass as a tensor, never as
+        a Python number, so changing it never recompiles a compiled model. A threshold of 0 is the identity.
 
-    In the fine-tune phase (:meth:`freeze`) the parametrization instead applies a fixed boolean mask (a
-    non-persistent buffer, re-derived from the zeros of the raw weight on resume): ``where(mask, w, 0)``, with
-    gradients through kept weights only.
+        In the fine-tune phase (:meth:`freeze`) the parametrization instead applies a fixed boolean mask (a
+        non-persistent buffer, re-derived from the zeros of the raw weight on resume): ``where(mask, w, 0)``, with
+        gradients through kept weights only.
 
-    Args:
-        soft_threshold: Soft threshold (ST-3) instead of a hard mask.
-        straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
-            grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
-        rescale: Per-output-channel rescale of :func:`channel_rescale`.
+        Args:
+            soft_threshold: Soft threshold (ST-3) instead of a hard mask.
+            straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
+                grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
+            rescale: Per-output-channel rescale of :func:`channel_rescale`.
 
-    Example::
+        Example::
 
-        >>> from torch.nn.utils import parametrize
-        >>> layer = nn.Linear(4, 2)
-        >>> parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
-        Linear(...)
+            >>> from torch.nn.utils import parametrize
+
+    from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
+            >>> layer = nn.Linear(4, 2)
+            >>> parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
+            Linear(...)
     """
 
     threshold: Tensor
@@ -267,16 +272,22 @@ class SoftThresholdParametrization(SparseParametrization):
         return flags + (", frozen=True" if self.frozen else "")
 
 
-# State-dict keys of a parametrized weight, relative to its module's prefix.
-RAW_WEIGHT_KEY = "parametrizations.weight.original"
-PARAMETRIZATION_PREFIX = "parametrizations.weight.0."
+# A parametrized tensor's raw value in a state dict: `<module prefix>parametrizations.<tensor name>.original`.
+RAW_KEY_PATTERN = re.compile(r"^(?P<prefix>.*?)parametrizations\.(?P<name>[^.]+)\.original$")
+
+
+def _raw_key(name: str) -> str:
+    """State-dict key of the raw tensor ``name`` of a parametrized module, relative to the module's prefix."""
+    return f"parametrizations.{name}.original"
 
 
 def find_sparse_parametrization(module: nn.Module) -> SparseParametrization | None:
-    """This package's parametrization on ``module.weight`` (ST-3 or STR), or ``None``."""
-    if not parametrize.is_parametrized(module, "weight"):
+    """This package's parametrization (ST-3 or STR) on ``module``'s pruned tensor (``weight``, or
+    ``in_proj_weight`` of ``nn.MultiheadAttention``), or ``None``."""
+    name = pruned_tensor_name(module)
+    if not parametrize.is_parametrized(module, name):
         return None
-    found = [p for p in module.parametrizations.weight if isinstance(p, SparseParametrization)]
+    found = [p for p in module.parametrizations[name] if isinstance(p, SparseParametrization)]
     return found[0] if found else None
 
 
@@ -288,18 +299,19 @@ def find_st3_parametrization(module: nn.Module) -> SoftThresholdParametrization 
 
 def raw_weight(module: nn.Module) -> Tensor:
     """The raw (unthresholded) weight of a module carrying the ST-3 parametrization: what the optimizer updates."""
-    return module.parametrizations.weight.original
+    return module.parametrizations[pruned_tensor_name(module)].original
 
 
 def _save_effective_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
     """``state_dict`` post-hook: also save the effective weight under the layer's plain ``weight`` key.
 
     So a checkpoint of a model under ST-3 (or STR) loads into the same model without this package: the plain model
-    takes ``<layer>.weight`` (zeros included) and ignores the ``parametrizations`` keys.
+    takes ``<layer>.weight`` (``<layer>.in_proj_weight`` for attention; zeros included) and ignores the
+    ``parametrizations`` keys.
     """
     if find_sparse_parametrization(module) is not None:
         with torch.no_grad():
-            state_dict[prefix + "weight"] = module.weight.detach()
+            state_dict[prefix + pruned_tensor_name(module)] = pruned_tensor(module).detach()
 
 
 def _load_raw_or_effective(
@@ -322,20 +334,22 @@ def _load_raw_or_effective(
     parametrization = find_sparse_parametrization(module)
     if parametrization is None:
         return
-    plain = prefix + "weight"
-    if prefix + RAW_WEIGHT_KEY in state_dict:
+    name = pruned_tensor_name(module)
+    plain = prefix + name
+    if prefix + _raw_key(name) in state_dict:
         state_dict.pop(plain, None)
     elif plain in state_dict:
-        state_dict[prefix + RAW_WEIGHT_KEY] = state_dict.pop(plain)
+        state_dict[prefix + _raw_key(name)] = state_dict.pop(plain)
         for key, value in parametrization.missing_state().items():
-            state_dict.setdefault(prefix + PARAMETRIZATION_PREFIX + key, value)
+            state_dict.setdefault(f"{prefix}parametrizations.{name}.0.{key}", value)
 
 
 ParametrizationT = TypeVar("ParametrizationT", bound=SparseParametrization)
 
 
 def register_sparse_parametrization(module: nn.Module, parametrization: ParametrizationT) -> ParametrizationT:
-    """Put ``parametrization`` on ``module.weight``, with the state-dict hooks, unless one of its type is there.
+    """Put ``parametrization`` on ``module``'s pruned tensor (``weight``, or ``in_proj_weight`` of
+    ``nn.MultiheadAttention``), with the state-dict hooks, unless one of its type is there.
 
     Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
     ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
@@ -354,14 +368,15 @@ def register_sparse_parametrization(module: nn.Module, parametrization: Parametr
     existing = find_sparse_parametrization(module)
     if type(existing) is type(parametrization):
         return existing  # type: ignore[return-value]
-    if parametrize.is_parametrized(module, "weight"):
-        names = [type(p).__name__ for p in module.parametrizations.weight]
+    name = pruned_tensor_name(module)
+    if parametrize.is_parametrized(module, name):
+        names = [type(p).__name__ for p in module.parametrizations[name]]
         raise ValueError(
-            f"`weight` already has the parametrizations {names}, which {type(parametrization).__name__} cannot "
+            f"`{name}` already has the parametrizations {names}, which {type(parametrization).__name__} cannot "
             "combine with"
         )
-    parametrization = parametrization.to(module.weight.device)
-    parametrize.register_parametrization(module, "weight", parametrization)
+    parametrization = parametrization.to(getattr(module, name).device)
+    parametrize.register_parametrization(module, name, parametrization)
     module.register_state_dict_post_hook(_save_effective_weight)
     module.register_load_state_dict_pre_hook(_load_raw_or_effective)
     return parametrization
@@ -402,7 +417,12 @@ def remove_st3_parametrization(module: nn.Module) -> None:
     """
     if find_sparse_parametrization(module) is None:
         return
-    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    # `copy.deepcopy` of a parametrized module shares torch's generated `Parametrized<Layer>` class with the
+    # original, and removing a parametrization deletes its property from that class, which would break the other
+    # copy (`make_permanent(copy.deepcopy(model))` would leave `model` without `weight`): give this module its own.
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k != "__weakref__"})
+    parametrize.remove_parametrizations(module, pruned_tensor_name(module), leave_parametrized=True)
     # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).
     for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
         for key in [

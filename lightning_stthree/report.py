@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree.flops import measure_layer_macs
-from lightning_stthree.layers import find_prunable_layers
+from lightning_stthree.layers import find_prunable_layers, pruned_tensor
 from lightning_stthree.parametrization import find_sparse_parametrization
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
@@ -21,7 +21,8 @@ TOTAL_ROW_NAME = "total"
 def sparsity_report(
     model: nn.Module, example_input: Any = None, layer_macs: Mapping[str, float] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per ``nn.Linear``/``nn.Conv1d/2d/3d`` of ``model`` (parametrized by ST-3 or plain), then a total row.
+    """One row per ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.MultiheadAttention`` of ``model``
+    (parametrized by ST-3 or plain), then a total row.
 
     Each row has the keys of :data:`REPORT_COLUMNS`: ``name`` (module name), ``type`` (layer class, as before any
     parametrization), ``shape`` (weight shape, a list), ``weights``, ``zeros`` (exactly-zero entries of the effective
@@ -43,7 +44,7 @@ def sparsity_report(
         layer_macs = measure_layer_macs(model, example_input, layers)
     rows: list[dict[str, Any]] = []
     for name, module in layers.items():
-        weight = module.weight
+        weight = pruned_tensor(module)
         zeros = weight.numel() - int(torch.count_nonzero(weight))
         density = 1.0 - zeros / weight.numel()
         dense = None if layer_macs is None else float(layer_macs.get(name, 0.0))

@@ -28,9 +28,16 @@ from typing_extensions import override
 from lightning_stthree._checks import check_bool
 from lightning_stthree.export import make_permanent
 from lightning_stthree.flops import measure_layer_macs, sparse_macs
-from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers, validate_exclude, validate_include_types
+from lightning_stthree.layers import (
+    PRUNABLE_TYPES,
+    find_prunable_layers,
+    pruned_tensor,
+    unpruned_attention,
+    validate_exclude,
+    validate_include_types,
+)
 from lightning_stthree.parametrization import (
-    RAW_WEIGHT_KEY,
+    RAW_KEY_PATTERN,
     SparseParametrization,
     find_sparse_parametrization,
     raw_weight,
@@ -46,8 +53,9 @@ class SparseTrainingCallback(Callback):
     """Base of the sparse-training callbacks (see the module docstring); not used on its own.
 
     Args:
-        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d"]`` (default:
-            all four; subclasses included).
+        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d",
+            "MultiheadAttention"]`` (default: all five; subclasses included; an attention layer's pruned tensor is
+            its packed ``in_proj_weight``, its ``out_proj`` is a ``Linear``).
         exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
             that matches no prunable layer is an error.
         log_layer_sparsity: Also log each layer's measured sparsity.
@@ -114,6 +122,7 @@ class SparseTrainingCallback(Callback):
         self._last_logged_step = -1
         self._first_step = 0  # the first optimizer step of the current run (measured and logged whatever the step)
         self._warned_empty: set[str] = set()  # layers already reported as entirely pruned in this run
+        self._warned_separate_attention: set[str] = set()  # attention layers reported as not pruned
 
     @property
     def _name(self) -> str:
@@ -232,7 +241,7 @@ class SparseTrainingCallback(Callback):
     ) -> None:
         # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
         # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
-        if trainer.state.fn == "fit" and not any(key.endswith(RAW_WEIGHT_KEY) for key in checkpoint["state_dict"]):
+        if trainer.state.fn == "fit" and not any(RAW_KEY_PATTERN.match(key) for key in checkpoint["state_dict"]):
             raise MisconfigurationException(
                 f"`ckpt_path` points to a checkpoint of a run without {self.method_name}; its optimizer state "
                 f"cannot be resumed with {self._name} (the parametrizations change the order of the parameters). "
@@ -259,11 +268,10 @@ class SparseTrainingCallback(Callback):
         zeros = total = 0
         for name, module in self._layers.items():
             parametrization = find_sparse_parametrization(module)
+            weight = self._raw(name)
             if parametrization is None:
-                weight = module.weight
                 layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
             else:
-                weight = raw_weight(module)
                 layer_zeros = int(torch.count_nonzero(parametrization.pruned(weight)))
             per_layer[name] = layer_zeros / weight.numel()
             zeros += layer_zeros
@@ -281,7 +289,8 @@ class SparseTrainingCallback(Callback):
         sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
         densities = {name: 1.0 - value for name, value in sparsity.items()}
         for name, module in self._other_layers.items():
-            densities[name] = int(torch.count_nonzero(module.weight)) / module.weight.numel()
+            weight = pruned_tensor(module)
+            densities[name] = int(torch.count_nonzero(weight)) / weight.numel()
         dense = sum(self._layer_macs.values())
         sparse = sparse_macs(self._layer_macs, densities)
         return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
@@ -306,10 +315,21 @@ class SparseTrainingCallback(Callback):
                     pl_module.log(f"{prefix}/layer/{name}/{key}", other, on_step=True, on_epoch=False)
         self.history.append({"step": step, **extra, "sparsity": sparsity, **macs})
 
+    def _raw(self, name: str) -> torch.Tensor:
+        """The raw weight of pruned layer ``name`` (its plain pruned tensor once made permanent)."""
+        module = self._layers[name]
+        return pruned_tensor(module) if find_sparse_parametrization(module) is None else raw_weight(module)
+
     def _warn_emptied_layers(self, step: int, per_layer: dict[str, float]) -> None:
         """Warn (once per layer and run) when a layer has no weight left: its output no longer depends on its input,
-        which is almost never intended and, with straight-through gradients, usually means training diverged."""
-        emptied = [name for name, value in per_layer.items() if value == 1.0 and name not in self._warned_empty]
+        which is almost never intended and, with straight-through gradients, usually means training diverged. A layer
+        whose raw weights are all zero (e.g. torchvision ViT's zero-initialised head) has lost nothing to pruning and is
+        not reported."""
+        emptied = [
+            name
+            for name, value in per_layer.items()
+            if value == 1.0 and name not in self._warned_empty and bool(self._raw(name).any())
+        ]
         if not emptied:
             return
         self._warned_empty.update(emptied)
@@ -433,6 +453,15 @@ class SparseTrainingCallback(Callback):
                 f"of {list(self.include_types)} modules not matched by `exclude={list(self.exclude)}`. "
                 "HINT: check `include_types` and `exclude`, or remove the callback."
             )
+        if final and "MultiheadAttention" in self.include_types:
+            separate = [name for name in unpruned_attention(pl_module) if name not in self._warned_separate_attention]
+            if separate:
+                self._warned_separate_attention.update(separate)
+                rank_zero_warn(
+                    f"{self._name}: the attention layers {separate[:10]} have `kdim`/`vdim` other than `embed_dim`, "
+                    "so their query/key/value projections are separate tensors (`q/k/v_proj_weight`), which are not "
+                    "pruned; their `out_proj` is."
+                )
         self._check_no_overlap(trainer, layers)
         for name, module in layers.items():
             try:

@@ -1,3 +1,4 @@
+import warnings
 from pathlib import Path
 
 import pytest
@@ -279,4 +280,16 @@ def test_a_layer_that_loses_every_weight_is_reported_once() -> None:
     with pytest.warns(UserWarning, match=r"at step 0, every weight of \['fc'\] is pruned") as record:
         quiet_trainer(max_steps=4, callbacks=[cb]).fit(model, random_loader(4))
     assert sum("every weight of" in str(w.message) for w in record) == 1
+    assert cb.measure_sparsity()[1]["fc"] == 1.0
+
+
+def test_a_zero_initialised_layer_is_not_reported_as_emptied() -> None:
+    # torchvision's ViT starts its head at zero: all "pruned" at step 0, yet pruning took nothing from it.
+    model = TinyNet(lr=0.0)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    cb = ST3PruningCallback(0.5, start=0, end=2, report=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*every weight of.*")
+        quiet_trainer(max_steps=3, callbacks=[cb]).fit(model, random_loader(3))
     assert cb.measure_sparsity()[1]["fc"] == 1.0

@@ -310,6 +310,22 @@ def test_make_permanent_gives_plain_layers_with_the_same_outputs() -> None:
     assert torch.equal(_outputs(pickle.loads(pickle.dumps(model.fc)), x.new_ones(1, 576)), model.fc(x.new_ones(1, 576)))
 
 
+def test_make_permanent_on_a_deep_copy_leaves_the_original_parametrized() -> None:
+    # torch's deepcopy shares the generated ParametrizedLinear class between the copies; removing the parametrization
+    # from one must not delete the `weight` property the other one still uses.
+    model = EvalNet()
+    quiet_trainer(max_steps=4, callbacks=[ST3PruningCallback(0.9, start=0, end=3)]).fit(model, random_loader(4))
+    x = torch.randn(4, 3, 8, 8)
+    expected = _outputs(model, x)
+    permanent = make_permanent(copy.deepcopy(model))
+    assert type(permanent.fc) is nn.Linear
+    assert parametrize.is_parametrized(model.fc, "weight")
+    assert torch.equal(_outputs(model, x), expected)
+    assert torch.equal(_outputs(permanent, x), expected)
+    make_permanent(model)  # and the other way round
+    assert torch.equal(_outputs(model, x), expected)
+
+
 def test_make_permanent_at_end_and_test_accuracy_unchanged() -> None:
     def fit(make_permanent_at_end: bool) -> tuple[EvalNet, dict]:  # type: ignore[type-arg]
         torch.manual_seed(0)

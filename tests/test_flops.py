@@ -1,5 +1,6 @@
 """FLOPs (MACs) accounting, the FLOPs budget, the per-layer report and the plots (issue 4)."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -270,12 +271,18 @@ def test_transformer_linear_layers_are_counted_and_uncounted_ones_reported() -> 
     model = Encoder()
     macs = measure_layer_macs(model, model.example_input_array, find_prunable_layers(model))
     # The fused eval-mode fast path is turned off while counting: linear1/linear2 run as modules.
+    linears = {"encoder.linear1", "encoder.linear2"}
     assert macs["encoder.linear1"] == 10 * 32
     assert macs["encoder.linear2"] == 32 * 10
-    # out_proj is used functionally by MultiheadAttention: 0 MACs, and the callback says so.
-    assert macs["encoder.self_attn.out_proj"] == 0
-    with pytest.warns(UserWarning, match=r"1 pruned layers were not called as modules.*encoder.self_attn.out_proj"):
-        quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback(0.5, start=0, end=1)]).fit(model, random_loader(1))
+    # MultiheadAttention: its packed q/k/v projection (1 token x 3 x 10 x 10) and its out_proj (1 x 10 x 10), which
+    # it calls functionally, counted from the shapes of its call; its attention products are no layer's weights.
+    assert macs["encoder.self_attn"] == 3 * 10 * 10
+    assert macs["encoder.self_attn.out_proj"] == 10 * 10
+    callback = ST3PruningCallback(0.5, start=0, end=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not called as modules.*")
+        quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, random_loader(1))
+    assert set(callback.layers) == {"conv", "fc", "encoder.self_attn", "encoder.self_attn.out_proj", *linears}
 
 
 def test_failed_macs_measurement_is_a_warning_unless_flops_are_needed() -> None:
@@ -317,3 +324,22 @@ def test_second_fit_restarts_the_history() -> None:
     quiet_trainer(max_steps=3, callbacks=[cb]).fit(TinyNet(), random_loader(3))
     quiet_trainer(max_steps=3, callbacks=[cb]).fit(TinyNet(), random_loader(3))
     assert [h["step"] for h in cb.history] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_macs_count_query_and_key_tokens_separately(batch_first: bool) -> None:
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+        def forward(self, query: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            if not batch_first:  # the example batch is batch-first; this attention layer wants sequence-first
+                query, memory = query.transpose(0, 1), memory.transpose(0, 1)
+            return self.attn(query, key=memory, value=memory)[0]
+
+    net = Cross()
+    # Per sample: 3 query tokens and 5 memory tokens of width 8.
+    example = (torch.zeros(2, 3, 8), torch.zeros(2, 5, 8))
+    macs = measure_layer_macs(net, example, find_prunable_layers(net))
+    assert macs == {"attn": 8 * 8 * (3 + 5 + 5), "attn.out_proj": 3 * 8 * 8}
