@@ -237,6 +237,9 @@ class ST3PruningCallback(SparseTrainingCallback):
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
         self._last_relative_move = PIVOT_WINDOW  # of the global threshold at the last update, relative
         self._warned_nonfinite = False  # in this run (`on_nonfinite="warn"`)
+        # The raw weights' in-place version counters at the last update: another callback may replace the weights
+        # without an optimizer step (StochasticWeightAveraging copies its averaged weights in).
+        self._versions: list[int] = []
 
     @property
     @override
@@ -272,11 +275,21 @@ class ST3PruningCallback(SparseTrainingCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._warned_nonfinite = False
+        # The thresholds in place (zero, or restored from a checkpoint) go with the weights as they are now.
+        self._versions = [raw_weight(m)._version for m in self._layers.values()]
         self._resolve_schedule(trainer.estimated_stepping_batches)
         if trainer.global_step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
         if self._checkpoint_frozen and not self.frozen:
             self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # E.g. StochasticWeightAveraging's BatchNorm epoch: averaged weights copied in, batches without optimizer steps.
+        self._update_if_weights_replaced(trainer.global_step)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
@@ -306,6 +319,13 @@ class ST3PruningCallback(SparseTrainingCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The last optimizer step moved the weights: recompute so the final model has the scheduled sparsity.
         self._bring_threshold_up_to_date(trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Callbacks listed after this one may replace the weights in their `on_train_end` (StochasticWeightAveraging
+        # copies the averaged weights in): recompute for the weights `fit` hands back, then report.
+        self._update_if_weights_replaced(trainer.global_step)
+        super().on_fit_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -355,6 +375,18 @@ class ST3PruningCallback(SparseTrainingCallback):
         self.sparsity = sparsity
         self.threshold = float(threshold)
         self.last_update_step = step
+        self._versions = [w._version for w in weights]
+
+    def _update_if_weights_replaced(self, step: int) -> None:
+        """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
+        optimizer step: those advance the step and are handled by the step schedule)."""
+        if (
+            step == self.last_update_step
+            and not self.frozen
+            and self._start_step is not None
+            and [raw_weight(m)._version for m in self._layers.values()] != self._versions
+        ):
+            self.update_threshold(step)
 
     def _weights_finite(self, step: int, weights: list[torch.Tensor]) -> bool:
         """Whether every raw weight is finite; if not, raise or warn as ``on_nonfinite`` says."""

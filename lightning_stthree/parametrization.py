@@ -193,28 +193,26 @@ class SparseParametrization(nn.Module):
 class SoftThresholdParametrization(SparseParametrization):
     """Parametrization registered on a prunable ``weight`` by :class:`~lightning_stthree.ST3PruningCallback`.
 
-        Holds this layer's threshold on raw magnitudes as a 0-dim float32 buffer (saved in the ``state_dict``, so a
-        checkpoint reproduces the effective weights on its own). The threshold enters the forward pass as a tensor, never as
-        a Python number, so changing it never recompiles a compiled model. A threshold of 0 is the identity.
+    Holds this layer's threshold on raw magnitudes as a 0-dim float32 buffer (saved in the ``state_dict``, so a
+    checkpoint reproduces the effective weights on its own). The threshold enters the forward pass as a tensor, never as
+    a Python number, so changing it never recompiles a compiled model. A threshold of 0 is the identity.
 
-        In the fine-tune phase (:meth:`freeze`) the parametrization instead applies a fixed boolean mask (a
-        non-persistent buffer, re-derived from the zeros of the raw weight on resume): ``where(mask, w, 0)``, with
-        gradients through kept weights only.
+    In the fine-tune phase (:meth:`freeze`) the parametrization instead applies a fixed boolean mask (a
+    non-persistent buffer, re-derived from the zeros of the raw weight on resume): ``where(mask, w, 0)``, with
+    gradients through kept weights only.
 
-        Args:
-            soft_threshold: Soft threshold (ST-3) instead of a hard mask.
-            straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
-                grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
-            rescale: Per-output-channel rescale of :func:`channel_rescale`.
+    Args:
+        soft_threshold: Soft threshold (ST-3) instead of a hard mask.
+        straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
+            grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
+        rescale: Per-output-channel rescale of :func:`channel_rescale`.
 
-        Example::
+    Example::
 
-            >>> from torch.nn.utils import parametrize
-
-    from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
-            >>> layer = nn.Linear(4, 2)
-            >>> parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
-            Linear(...)
+        >>> from torch.nn.utils import parametrize
+        >>> layer = nn.Linear(4, 2)
+        >>> parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
+        Linear(...)
     """
 
     threshold: Tensor
