@@ -47,20 +47,46 @@ def test_callback_from_yaml(tmp_path: Path) -> None:
     assert cb.measure_sparsity()[0] == pytest.approx(0.8, abs=0.005)
 
 
+ADD = "criterion: l1_std"  # a line of CONFIG after which a case adds an argument
+
+
 @pytest.mark.parametrize(
-    ("old", "new", "message"),
+    ("old", "new", "messages"),
     [
-        ("criterion: l1_std", "criterion: l2", "Expected a typing.Literal['l1', 'l1_std']. Got value: l2"),
-        ("target_sparsity: 0.8", "target_sparsity: 1.5", "`target_sparsity` must be in [0, 1), got 1.5"),
+        # Typos in names: jsonargparse names the unknown option or class.
+        ("target_sparsity: 0.8", "target_sparsty: 0.8", ["Option 'target_sparsty' is not accepted"]),
+        ("ST3PruningCallback", "ST3PrunningCallback", ["no attribute 'ST3PrunningCallback'"]),
+        # Values of the wrong type or outside a choice: jsonargparse names the key and the value.
+        (ADD, "criterion: l2", ["Expected a typing.Literal['l1', 'l1_std']. Got value: l2"]),
+        (ADD, f"{ADD}\n        budget: macs", ["Expected a typing.Literal['params', 'flops']. Got value: macs"]),
+        (
+            ADD,
+            f"{ADD}\n        on_nonfinite: ignore",
+            ["Expected a typing.Literal['raise', 'warn']. Got value: ignore"],
+        ),
+        ("start: 1", "start: two", ['Parser key "start"', "Given value: two"]),
+        ('exclude: ["fc"]', "exclude: fc", ['Parser key "exclude"', "Expected a <class 'list'>", "Given value: fc"]),
+        (ADD, f"{ADD}\n        soft_threshold: maybe", ['Parser key "soft_threshold"', "Got value: maybe"]),
+        # Well-typed values the callback rejects: its own message, word for word.
+        ("target_sparsity: 0.8", "target_sparsity: 1.5", ["`target_sparsity` must be in [0, 1), got 1.5"]),
+        ("start: 1", "start: -1", ["`start` must be >= 0 optimizer steps, got -1"]),
+        ("end: 0.5", "end: 1.5", ["`end` as a float is a fraction of the run and must be in [0, 1], got 1.5"]),
+        (ADD, f"{ADD}\n        power: 0", ["`power` must be a finite number > 0, got 0.0"]),
+        (ADD, f"{ADD}\n        update_every: 0", ["`update_every` must be an int >= 1 (optimizer steps), got 0"]),
+        ("Conv2d, Linear]", "Conv2d, LSTM]", ["`include_types` has unknown layer types ['LSTM']"]),
+        (ADD, f"{ADD}\n        input_shape: [1, 3, 0]", ["`input_shape` must be a list of positive ints"]),
     ],
 )
 def test_bad_yaml_value_reports_the_argument(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, message: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, messages: list[str]
 ) -> None:
+    assert old in CONFIG
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.replace(old, new))
-    # jsonargparse rejects a bad choice while parsing (exit, message on stderr); a value the callback rejects fails
-    # at instantiation with the callback's own message.
+    # jsonargparse rejects unknown names and badly typed values while parsing (exit, message on stderr); a value the
+    # callback rejects fails at instantiation with the callback's own message.
     with pytest.raises((SystemExit, ValueError)) as info:
         LightningCLI(TinyNet, RandomData, args=["fit", "--config", str(config)], save_config_callback=None)
-    assert message in str(info.value) + capsys.readouterr().err
+    shown = str(info.value) + capsys.readouterr().err
+    for message in messages:
+        assert message in shown
