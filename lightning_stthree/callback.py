@@ -369,8 +369,8 @@ class ST3PruningCallback(SparseTrainingCallback):
             threshold = global_threshold(weights, sparsity, self.criterion, pivot, window)
         if pivot is not None:
             self._last_relative_move = abs(float(threshold) - pivot) / pivot
-        for module in self._layers.values():
-            factor = layer_score_factor(raw_weight(module).shape, self.criterion)
+        for module, weight in zip(self._layers.values(), weights, strict=True):
+            factor = layer_score_factor(weight.shape, self.criterion)
             find_st3_parametrization(module).threshold.copy_(threshold / factor)
         self.sparsity = sparsity
         self.threshold = float(threshold)

@@ -19,7 +19,8 @@ class _ForwardDtypes(Callback):
         self.dtypes: set[torch.dtype] = set()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, i: int) -> None:
-        pl_module.fc.register_forward_hook(lambda m, args, out: self.dtypes.add(out.dtype)) if i == 0 else None
+        if trainer.global_step == 0:
+            pl_module.fc.register_forward_hook(lambda module, args, out: self.dtypes.add(out.dtype))
 
 
 def _fit(precision: str, criterion: str, accelerator: str = "cpu") -> tuple[TinyNet, ST3PruningCallback, set]:
