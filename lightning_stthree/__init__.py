@@ -3,6 +3,14 @@
 from lightning_stthree.callback import ST3PruningCallback, STRPruningCallback
 from lightning_stthree.export import load_sparse_weights, make_permanent, sparse_state_dict
 from lightning_stthree.flops import measure_layer_macs, sparse_macs
+from lightning_stthree.inference import (
+    LayerChoice,
+    SparseConv2d,
+    SparseInferenceReport,
+    SparseLinear,
+    restore_sparse_inference,
+    to_sparse_inference,
+)
 from lightning_stthree.layers import PRUNABLE_TYPES, find_prunable_layers
 from lightning_stthree.parametrization import (
     SoftThresholdParametrization,
@@ -26,10 +34,14 @@ from lightning_stthree.threshold import (
 
 __all__ = [
     "PRUNABLE_TYPES",
+    "LayerChoice",
     "ST3PruningCallback",
     "STRParametrization",
     "STRPruningCallback",
     "SoftThresholdParametrization",
+    "SparseConv2d",
+    "SparseInferenceReport",
+    "SparseLinear",
     "SparseTrainingCallback",
     "channel_rescale",
     "cubic_sparsity",
@@ -48,10 +60,12 @@ __all__ = [
     "register_str_parametrization",
     "remove_st3_parametrization",
     "resolve_step",
+    "restore_sparse_inference",
     "sparse_macs",
     "sparse_state_dict",
     "sparsity_report",
     "str_effective_weight",
+    "to_sparse_inference",
     "weighted_global_threshold",
 ]
 

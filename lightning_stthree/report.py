@@ -103,15 +103,20 @@ def report_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     return header, cells
 
 
-def format_report(rows: list[dict[str, Any]]) -> str:
-    """The report as a plain-text table (MACs in millions), for logs."""
-    header, cells = report_cells(rows)
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+def format_table(header: list[str], cells: list[list[str]], total: list[str], left_columns: int) -> str:
+    """A plain-text table: header, rule, rows, rule, total row; the first ``left_columns`` columns left-aligned."""
+    widths = [max(len(line[i]) for line in [header, *cells, total]) for i in range(len(header))]
 
     def line(values: list[str]) -> str:
         return "  ".join(
-            v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
-        )
+            v.ljust(w) if i < left_columns else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
 
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *(line(c) for c in cells[:-1]), rule, line(cells[-1])])
+    rule = "-" * max(len(line(header)), *(len(line(c)) for c in [*cells, total]))
+    return "\n".join([line(header), rule, *(line(c) for c in cells), rule, line(total)])
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """The report as a plain-text table (MACs in millions), for logs."""
+    header, cells = report_cells(rows)
+    return format_table(header, cells[:-1], cells[-1], left_columns=3)

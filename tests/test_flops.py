@@ -115,12 +115,13 @@ def test_flops_budget_removes_the_target_fraction_of_macs(criterion: str) -> Non
     # TinyNet's conv costs 36 MACs per weight (6x6 outputs), its classifier 1: unequal MACs per weight.
     ratios = {}
     for budget in ("flops", "params"):
+        torch.manual_seed(0)  # same weights and data for both budgets (unseeded, l1_std's ratio ranged 0.07-0.18)
         model = TinyNet()
         cb = ST3PruningCallback(0.8, start=0, end=6, budget=budget, criterion=criterion)
         quiet_trainer(max_steps=8, callbacks=[cb]).fit(model, random_loader(8))
         ratios[budget] = cb.measure_macs()["macs_ratio"]
     assert ratios["flops"] == pytest.approx(0.2, abs=0.005)
-    assert abs(ratios["params"] - 0.2) > 0.02  # (measured: 0.11 with l1_std, 0.76 with l1)
+    assert abs(ratios["params"] - 0.2) > 0.02  # (measured with seed 0: 0.17 with l1_std, 0.44 with l1)
 
 
 def test_logged_macs_and_report_totals_agree(tmp_path: Path) -> None:

@@ -1,0 +1,324 @@
+"""Sparse inference: CSR layers equal dense ones, the conversion chooses by timing, the result saves and loads."""
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import VisionTransformer
+
+from lightning_stthree import (
+    SparseConv2d,
+    SparseLinear,
+    inference,
+    make_permanent,
+    register_st3_parametrization,
+    restore_sparse_inference,
+    to_sparse_inference,
+)
+from lightning_stthree.inference import conv_weight_to_csr, dense_to_csr
+
+
+def _sparsify(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:
+    """Zero a random ``sparsity`` share of every Linear/Conv2d weight (an independent stand-in for a trained model)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.mul_(torch.rand(module.weight.shape, generator=generator) >= sparsity)
+    return model
+
+
+def _csr_to_numpy(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    dense = np.zeros(shape, dtype=values.numpy().dtype)
+    crow_np, col_np, values_np = crow.numpy(), col.numpy(), values.numpy()
+    for row in range(shape[0]):
+        for entry in range(crow_np[row], crow_np[row + 1]):
+            dense[row, col_np[entry]] = values_np[entry]
+    return dense
+
+
+def _modules_of(model: nn.Module, kind: type) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, kind)]
+
+
+def test_dense_to_csr_stores_exactly_the_nonzeros() -> None:
+    matrix = torch.tensor([[0.0, 1.5, 0.0, -0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 0.0, -3.0, 4.0]])
+    crow, col, values = dense_to_csr(matrix)
+    rows, cols = np.nonzero(matrix.numpy())
+    assert crow.tolist() == [0, 1, 1, 4]
+    assert col.tolist() == cols.tolist()
+    assert values.tolist() == matrix.numpy()[rows, cols].tolist() == [1.5, 2.0, -3.0, 4.0]
+    with pytest.raises(ValueError, match=r"`matrix` must be 2-D, got shape \(4,\)"):
+        dense_to_csr(torch.ones(4))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_conv_weight_to_csr_is_the_block_diagonal_unfold_matrix(groups: int) -> None:
+    out_channels, in_channels, kh, kw = 8, 4, 3, 2
+    weight = _sparsify(nn.Conv2d(in_channels, out_channels, (kh, kw), groups=groups), 0.5).weight.detach()
+    matrix = _csr_to_numpy(*conv_weight_to_csr(weight, groups), (out_channels, in_channels * kh * kw))
+    # By hand: output channel o of group g sees input channels g * (in / groups) ... in unfold's (c, i, j) order.
+    expected = np.zeros_like(matrix)
+    per_out, per_in = out_channels // groups, in_channels // groups
+    for o in range(out_channels):
+        g = o // per_out
+        for c in range(per_in):
+            for i in range(kh):
+                for j in range(kw):
+                    expected[o, ((g * per_in + c) * kh + i) * kw + j] = weight[o, c, i, j]
+    np.testing.assert_array_equal(matrix, expected)
+    with pytest.raises(ValueError, match="`groups` must be a positive divisor of out_channels=8, got 3"):
+        conv_weight_to_csr(weight, 3)
+
+
+@pytest.mark.parametrize("shape", [(16,), (1, 16), (5, 16), (2, 3, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_equals_linear(shape: tuple[int, ...], bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = _sparsify(nn.Linear(16, 12, bias=bias))
+    sparse = SparseLinear.from_dense(linear)
+    x = torch.randn(shape)
+    torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-6)
+    assert sparse(x).shape == (*shape[:-1], 12)
+    torch.testing.assert_close(sparse.weight, linear.weight, rtol=0, atol=0)
+    assert sparse.nnz == int(torch.count_nonzero(linear.weight))
+    assert [name for name, _ in sparse.named_parameters()] == []  # inference only: nothing to train
+    assert sparse.crow_indices.dtype == sparse.col_indices.dtype == torch.int64
+
+
+CONV_CONFIGS = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "stride": 2},
+    {"kernel_size": 3, "dilation": 2, "padding": 2},
+    {"kernel_size": 1, "stride": 2},
+    {"kernel_size": 1},
+    {"kernel_size": (3, 1), "padding": (1, 0), "stride": (1, 2)},
+    {"kernel_size": 3, "groups": 2, "padding": 1},
+    {"kernel_size": 3, "groups": 4, "padding": 1},  # depthwise: in_channels == groups
+    {"kernel_size": 4, "padding": "same"},  # even kernel: asymmetric padding
+    {"kernel_size": 3, "padding": "valid"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": 2, "padding_mode": "circular"},
+    {"kernel_size": 3, "padding": 1, "bias": False},
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # the dense reference's
+@pytest.mark.parametrize("config", CONV_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("input_shape", [(2, 4, 9, 7), (4, 8, 8)])
+def test_sparse_conv2d_equals_conv2d(config: dict, input_shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    conv = _sparsify(nn.Conv2d(4, 8, **config))
+    sparse = SparseConv2d.from_dense(conv)
+    x = torch.randn(input_shape)
+    torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-6)
+    assert sparse(x).is_contiguous()
+    torch.testing.assert_close(sparse.weight, conv.weight, rtol=0, atol=0)
+
+
+def test_resnet18_converted_layer_by_layer_equals_the_dense_model() -> None:
+    torch.manual_seed(0)
+    model = _sparsify(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    # min_speedup=0 converts every layer with a sparse kernel: all 20 convolutions and the classifier.
+    assert len(report.converted) == 21 == len(_modules_of(model, (nn.Conv2d, nn.Linear)))
+    assert _modules_of(sparse_model, (nn.Conv2d, nn.Linear)) == []
+    assert isinstance(sparse_model.fc, SparseLinear)
+    assert isinstance(sparse_model.layer2[0].downsample[0], SparseConv2d)
+    assert isinstance(model.fc, nn.Linear)  # the input model is left alone
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-4, atol=1e-5)
+        other = torch.randn(5, 3, 40, 40)  # another batch size and resolution than the example
+        torch.testing.assert_close(sparse_model(other), model(other), rtol=1e-4, atol=1e-5)
+    for choice in report.layers:
+        assert choice.dense_ms > 0
+        assert choice.sparse_ms > 0
+        assert choice.density == pytest.approx(
+            float(torch.count_nonzero(model.get_submodule(choice.name).weight)) / math.prod(choice.shape)
+        )
+    assert report.dense_ms > 0
+    assert report.sparse_ms > 0
+
+
+def test_mobilenet_depthwise_convolutions_convert() -> None:
+    torch.manual_seed(0)
+    model = _sparsify(torchvision.models.mobilenet_v3_small(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    depthwise = [c for c in report.layers if c.layer_type == "Conv2d" and c.shape[1] == 1]
+    assert depthwise
+    assert all(c.converted for c in depthwise)
+    torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_st3_parametrized_model_converts_to_its_effective_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    for layer in (model[0], model[2]):
+        register_st3_parametrization(layer).threshold.fill_(0.1)
+    x = torch.randn(4, 32)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    assert report.converted == ["0", "2"]
+    torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-5, atol=1e-6)
+    permanent = make_permanent(copy.deepcopy(model))
+    torch.testing.assert_close(sparse_model[0].weight, permanent[0].weight, rtol=0, atol=0)
+    assert hasattr(model[0], "parametrizations")  # the parametrized input model still trains as before
+
+
+def test_transformer_encoder_feed_forward_converts_and_attention_stays_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
+    model = _sparsify(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)).eval()
+    x = torch.randn(3, 7, 32)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    reasons = {c.name: c.reason for c in report.layers if not c.converted}
+    assert sorted(report.converted) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    assert reasons["layers.0.self_attn"].startswith("nn.MultiheadAttention reads in_proj_weight")
+    assert reasons["layers.1.self_attn.out_proj"].startswith("out_proj: its nn.MultiheadAttention")
+    # The dense model takes PyTorch's fused encoder fast path in eval mode; the converted one must not (that path
+    # reads linear1.weight as a dense tensor), and still gives the same outputs.
+    calls = []
+    original = inference.csr_linear
+    monkeypatch.setattr(inference, "csr_linear", lambda *args: calls.append(1) or original(*args))
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 4  # every converted layer ran its sparse kernel
+
+
+def test_vit_mlp_and_patch_embedding_convert() -> None:
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10)  # fmt: skip
+    model = _sparsify(vit).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    assert "conv_proj" in report.converted
+    assert "encoder.layers.encoder_layer_0.mlp.0" in report.converted
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_choice_follows_the_timings() -> None:
+    torch.manual_seed(0)
+    model = _sparsify(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)), 0.98)
+    x = torch.randn(8, 512)
+    _, report = to_sparse_inference(model, x, min_speedup=1.0, repeats=3)
+    for choice in report.layers:
+        assert choice.converted == (choice.dense_ms >= choice.sparse_ms)
+        assert choice.reason == (">= x1 faster" if choice.converted else "< x1 faster")
+    never, report = to_sparse_inference(model, x, min_speedup=math.inf, repeats=1)
+    assert report.converted == []
+    assert all(c.reason == "< xinf faster" for c in report.layers)
+    assert torch.equal(never(x), model(x))  # nothing replaced: bitwise the dense model
+
+
+def test_layers_without_a_sparse_kernel_or_input_are_reported() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1d = nn.Conv1d(2, 4, 3)
+            self.head = nn.Linear(4 * 6, 3)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv1d(x).flatten(1))
+
+    model = Model()
+    x = torch.randn(2, 2, 8)
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    reasons = {c.name: (c.converted, c.reason) for c in report.layers}
+    assert reasons == {
+        "conv1d": (False, "no sparse kernel for Conv1d"),
+        "head": (True, ">= x0 faster"),
+        "unused": (False, "not called by the example input"),
+    }
+    text = str(report)
+    assert "dense (no sparse kernel for Conv1d)" in text
+    assert text.splitlines()[-1].startswith("model")
+    torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_half_precision_on_cpu_keeps_dense_layers_with_the_reason() -> None:
+    model = _sparsify(nn.Sequential(nn.Linear(16, 16))).to(torch.bfloat16)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    _, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    (choice,) = report.layers
+    assert not choice.converted
+    assert choice.reason.startswith("no sparse kernel here:")
+    assert "BFloat16" in choice.reason
+
+
+def test_saves_and_loads_weights_only(tmp_path: object) -> None:
+    torch.manual_seed(0)
+    model = _sparsify(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sparse_model, _report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    expected = sparse_model(x)
+    buffer = io.BytesIO()
+    torch.save(sparse_model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    restored = restore_sparse_inference(torchvision.models.resnet18(num_classes=10), state)
+    assert _modules_of(restored, (nn.Conv2d, nn.Linear)) == []
+    assert torch.equal(restored(x), expected)
+    # The whole module pickles too (weights_only=False: the classes are this package's and torchvision's).
+    buffer = io.BytesIO()
+    torch.save(sparse_model, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+    assert torch.equal(copy.deepcopy(sparse_model)(x), expected)
+    # A converted model loads the state dict of another conversion with other numbers of stored weights.
+    other, _ = to_sparse_inference(_sparsify(model, 0.5, seed=1), x, min_speedup=0, repeats=1)
+    sparse_model.load_state_dict(other.state_dict())
+    assert torch.equal(sparse_model(x), other(x))
+    with pytest.raises(KeyError, match=r"sparse layer `conv1`, but the model has no such module"):
+        restore_sparse_inference(nn.Sequential(), state)
+
+
+def test_inference_mode_and_dtype_moves() -> None:
+    torch.manual_seed(0)
+    model = _sparsify(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)))
+    x = torch.randn(2, 3, 8, 8)
+    sparse_model, _ = to_sparse_inference(model, x, min_speedup=0, repeats=1)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-5, atol=1e-6)
+    double = copy.deepcopy(sparse_model).double()
+    assert double[2].values.dtype == torch.float64
+    assert double[2].col_indices.dtype == torch.int64
+    torch.testing.assert_close(double(x.double()), model.double()(x.double()), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_speedup": -1}, r"`min_speedup` must be a number >= 0 \(1.1: at least 10% faster\), got -1"),
+        ({"min_speedup": "fast"}, r"`min_speedup` must be a number >= 0 .*got 'fast'"),
+        ({"min_speedup": math.nan}, r"`min_speedup` must be a number >= 0 .*got nan"),
+        ({"repeats": 0}, r"`repeats` must be a positive integer, got 0"),
+        ({"repeats": 2.5}, r"`repeats` must be a positive integer, got 2.5"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        to_sparse_inference(nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
+
+
+@pytest.mark.gpu
+def test_cuda_conversion_equals_the_dense_model() -> None:
+    torch.manual_seed(0)
+    model = _sparsify(torchvision.models.resnet18(num_classes=10)).eval().cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=2)
+    assert report.device.startswith("cuda")
+    assert len(report.converted) == 21
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-3, atol=1e-4)
+    _, timed = to_sparse_inference(model, x, repeats=5)
+    for choice in timed.layers:
+        assert choice.converted == (choice.dense_ms >= 1.1 * choice.sparse_ms)
