@@ -8,6 +8,7 @@ from lightning_stthree.inference import (
     SparseConv2d,
     SparseInferenceReport,
     SparseLinear,
+    SparseMultiheadAttention,
     restore_sparse_inference,
     to_sparse_inference,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "SparseConv2d",
     "SparseInferenceReport",
     "SparseLinear",
+    "SparseMultiheadAttention",
     "SparseTrainingCallback",
     "channel_rescale",
     "cubic_sparsity",

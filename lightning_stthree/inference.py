@@ -1,10 +1,11 @@
 """Sparse inference: turn a trained sparse model into a faster one, layer by layer, by measurement.
 
 A model pruned by ST-3 (parametrized or made permanent) runs exactly as slowly as the dense one: its zeros are still
-multiplied. :func:`to_sparse_inference` replaces each ``nn.Linear`` and ``nn.Conv2d`` whose sparse kernel is faster
-than its dense one *on the example input* with :class:`SparseLinear` / :class:`SparseConv2d`, which store the weight in
-CSR (compressed sparse rows: ``crow_indices``, ``col_indices``, ``values``) and multiply with PyTorch's sparse
-``addmm`` (MKL on a CPU, cuSPARSE on a GPU). A convolution is lowered to a matrix product: ``unfold`` (im2col) of the
+multiplied. :func:`to_sparse_inference` replaces each ``nn.Linear``, ``nn.Conv2d`` and ``nn.MultiheadAttention`` whose
+sparse kernel is faster than its dense one *on the example input* with :class:`SparseLinear` / :class:`SparseConv2d` /
+:class:`SparseMultiheadAttention`, which store the weight in CSR (compressed sparse rows: ``crow_indices``,
+``col_indices``, ``values``) and multiply with PyTorch's sparse ``addmm`` (MKL on a CPU, cuSPARSE on a GPU). A
+convolution is lowered to a matrix product: ``unfold`` (im2col) of the
 input, then the CSR weight ``(out_channels, in_channels / groups * kh * kw)`` times the columns (a grouped
 convolution is one block-diagonal CSR matrix). Every choice is timed on the layer's real input and recorded in a
 :class:`SparseInferenceReport`.
@@ -169,14 +170,14 @@ class _CSRLayer(nn.Module):
     crow_indices: Tensor
     col_indices: Tensor
     values: Tensor
-    bias: Tensor | None
+    _bias_name = "bias"
 
     def __init__(self, matrix_shape: tuple[int, int], csr: tuple[Tensor, Tensor, Tensor], bias: Tensor | None) -> None:
         super().__init__()
         self.matrix_shape = matrix_shape
         for key, tensor in zip(_CSR_KEYS, csr, strict=True):
             self.register_buffer(key, tensor.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer(self._bias_name, None if bias is None else bias.detach().clone())
         self.register_forward_pre_hook(_no_fast_path)
 
     def sparse_weight(self) -> Tensor:
@@ -303,6 +304,142 @@ class SparseConv2d(_CSRLayer):
         )
 
 
+def csr_row_slice(weight: Tensor, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of a CSR matrix, as a CSR tensor over views of its buffers (no copy of the entries)."""
+    crow = weight.crow_indices()
+    first, last = int(crow[start]), int(crow[stop])
+    return _csr_tensor(
+        crow[start : stop + 1] - first,
+        weight.col_indices()[first:last],
+        weight.values()[first:last],
+        (stop - start, weight.shape[1]),
+    )
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True: may not attend) as ``-inf``/``0`` in ``dtype``; a float mask as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+
+
+def _attention_mask(
+    attn_mask: Tensor | None, key_padding_mask: Tensor | None, batch: int, heads: int, dtype: torch.dtype
+) -> Tensor | None:
+    """``nn.MultiheadAttention``'s two masks as one additive mask broadcastable to ``(batch, heads, L, S)``."""
+    merged = _additive_mask(attn_mask, dtype)
+    if merged is not None:
+        merged = merged.view(batch, heads, *merged.shape[1:]) if merged.ndim == 3 else merged
+    padding = _additive_mask(key_padding_mask, dtype)
+    if padding is not None:
+        padding = padding.view(batch, 1, 1, padding.shape[-1])
+        merged = padding if merged is None else merged + padding
+    return merged
+
+
+class SparseMultiheadAttention(_CSRLayer):
+    """Inference replacement of ``nn.MultiheadAttention`` whose packed ``in_proj_weight`` and ``out_proj`` are CSR.
+
+    The query/key/value projections are sparse ``addmm``s (one over the packed ``(3 * embed_dim, embed_dim)`` matrix
+    for self-attention, one over each third of its rows otherwise), attention is ``F.scaled_dot_product_attention``
+    (explicit softmax when the weights are asked for), and ``out_proj`` is a :class:`SparseLinear`. It takes
+    ``nn.MultiheadAttention``'s arguments (masks boolean or additive, ``need_weights``, ``average_attn_weights``,
+    ``is_causal``) and returns the same ``(output, weights or None)``. Only attention with ``kdim == vdim ==
+    embed_dim`` and without ``add_bias_kv``/``add_zero_attn`` is converted. ``in_proj_weight`` is a read-only
+    property that rebuilds the dense weight.
+
+    Args:
+        attention: The layer to mirror (configuration and biases).
+        csr: CSR components of its ``in_proj_weight``.
+        out_proj: The sparse output projection.
+    """
+
+    in_proj_bias: Tensor | None
+    _bias_name = "in_proj_bias"
+    _qkv_same_embed_dim = True  # read by nn.TransformerEncoderLayer's fast-path checks
+
+    def __init__(
+        self, attention: nn.MultiheadAttention, csr: tuple[Tensor, Tensor, Tensor], out_proj: nn.Module
+    ) -> None:
+        embed_dim = attention.embed_dim
+        super().__init__((3 * embed_dim, embed_dim), csr, attention.in_proj_bias)
+        self.embed_dim = embed_dim
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+        self.dropout = attention.dropout
+        self.batch_first = attention.batch_first
+        self.out_proj = out_proj
+
+    @classmethod
+    def from_dense(cls, attention: nn.MultiheadAttention) -> SparseMultiheadAttention:
+        """The sparse version of ``attention`` (in_proj and out_proj; zeros not stored)."""
+        return cls(attention, dense_to_csr(attention.in_proj_weight), SparseLinear.from_dense(attention.out_proj))
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """The dense packed projection weight, rebuilt from CSR on every access."""
+        return self.sparse_weight().to_dense()
+
+    def _projections(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        weight, bias, dim = self.sparse_weight(), self.in_proj_bias, self.embed_dim
+        if query is key and key is value:
+            return csr_linear(query, weight, bias).chunk(3, dim=-1)
+        rows = [(i * dim, (i + 1) * dim) for i in range(3)]
+        q, k, v = (
+            csr_linear(x, csr_row_slice(weight, a, b), None if bias is None else bias[a:b])
+            for x, (a, b) in zip((query, key, value), rows, strict=True)
+        )
+        return q, k, v
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+        batched = query.ndim == 3
+        same = query is key and key is value
+
+        def batch_first(x: Tensor) -> Tensor:
+            if not batched:  # (L, E): one sequence
+                return x.unsqueeze(0)
+            return x if self.batch_first else x.transpose(0, 1)
+
+        query = batch_first(query)
+        # Self-attention stays recognisable (one projection over the packed weight).
+        key, value = (query, query) if same else (batch_first(key), batch_first(value))
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        q, k, v = self._projections(query, key, value)
+        batch, target = q.shape[0], q.shape[1]
+        q, k, v = (x.reshape(batch, -1, self.num_heads, self.head_dim).transpose(1, 2) for x in (q, k, v))
+        mask = _attention_mask(attn_mask, key_padding_mask, batch, self.num_heads, q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = F.dropout(weights, dropout) @ v if dropout else weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, target, self.embed_dim))
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, density={self.density:.4f}"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------------------------------
@@ -391,16 +528,17 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 
 def _median_ms(
-    functions: Mapping[str, Callable[..., Any]], args: tuple[Any, ...], repeats: int, device: torch.device
+    functions: Mapping[str, Callable[..., Any]], call: Call, repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Median wall time of each ``function(*args)`` in milliseconds, interleaved round by round after a warm-up."""
+    """Median wall time of each ``function(*args, **kwargs)`` in ms, interleaved round by round after a warm-up."""
+    args, kwargs = call
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in functions}
     for round_index in range(repeats + 1):
         for name, function in functions.items():
             synchronize()
             start = time.perf_counter()
-            function(*args)
+            function(*args, **kwargs)
             synchronize()
             if round_index:  # round 0 warms up (allocations, MKL's sparse handles, cuSPARSE descriptors)
                 times[name].append(time.perf_counter() - start)
@@ -421,59 +559,109 @@ def _replace(places: dict[int, list[tuple[nn.Module, str]]], module: nn.Module, 
         setattr(parent, child_name, replacement)
 
 
-def _not_convertible(name: str, module: nn.Module, parent: nn.Module | None) -> str | None:
+def _not_convertible(module: nn.Module) -> str | None:
     """Why ``module`` keeps its dense form whatever the timings, or None if it can be converted."""
     kind = type(module)
-    if isinstance(module, nn.MultiheadAttention):
-        return "nn.MultiheadAttention reads in_proj_weight itself; no sparse kernel"
-    if isinstance(parent, nn.MultiheadAttention):
-        return "out_proj: its nn.MultiheadAttention reads the weight itself"
     if parametrize.is_parametrized(module):
         return "weight has a parametrization that is not ST-3's"
-    if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
-        return None
-    if isinstance(module, nn.Conv2d) and kind.forward is nn.Conv2d.forward:
+    if isinstance(module, nn.MultiheadAttention):
+        if kind.forward is not nn.MultiheadAttention.forward:
+            return f"{kind.__name__} has its own forward"
+        if not module._qkv_same_embed_dim:
+            return "kdim/vdim differ from embed_dim: no packed in_proj_weight"
+        if module.bias_k is not None or module.add_zero_attn:
+            return "add_bias_kv/add_zero_attn are not supported"
         return None
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        return f"{kind.__name__} has its own forward"
+        base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+        return None if kind.forward is base.forward else f"{kind.__name__} has its own forward"
     return f"no sparse kernel for {kind.__name__}"
 
 
 def _sparse_version(module: nn.Module) -> _CSRLayer:
+    if isinstance(module, nn.MultiheadAttention):
+        return SparseMultiheadAttention.from_dense(module)
     if isinstance(module, nn.Linear):
         return SparseLinear.from_dense(module)
     return SparseConv2d.from_dense(module)
 
 
-def _check_output(name: str, dense: Tensor, sparse: Tensor) -> None:
-    tolerance = OUTPUT_TOLERANCE.get(dense.dtype, HALF_OUTPUT_TOLERANCE)
-    scale = float(dense.abs().max()) if dense.numel() else 0.0
-    error = float((sparse.float() - dense.float()).abs().max()) if dense.numel() else 0.0
-    if not error <= tolerance * max(scale, 1e-30):
-        raise RuntimeError(
-            f"The sparse version of `{name}` gives outputs that differ from the dense layer's by {error:.3g} "
-            f"(largest output {scale:.3g}, allowed {tolerance:g} of it). This is a bug; please report it with the "
-            "layer's configuration."
-        )
+def _tensors(output: Any) -> list[Tensor]:
+    return [t for t in (output if isinstance(output, tuple) else (output,)) if isinstance(t, Tensor)]
+
+
+def _check_output(name: str, dense: Any, sparse: Any) -> None:
+    """Raise if the sparse version's output tensors differ from the dense one's beyond :data:`OUTPUT_TOLERANCE`."""
+    for expected, actual in zip(_tensors(dense), _tensors(sparse), strict=True):
+        tolerance = OUTPUT_TOLERANCE.get(expected.dtype, HALF_OUTPUT_TOLERANCE)
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        error = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
+        if not error <= tolerance * max(scale, 1e-30):
+            raise RuntimeError(
+                f"The sparse version of `{name}` gives outputs that differ from the dense layer's by {error:.3g} "
+                f"(largest output {scale:.3g}, allowed {tolerance:g} of it). This is a bug; please report it with "
+                "the layer's configuration."
+            )
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_args: tuple[Any, ...]) -> dict:
-    """Each layer's positional arguments on its first call during one forward pass of ``model``."""
-    captured: dict[str, tuple[Any, ...]] = {}
+    """Each layer's ``(args, kwargs)`` on its first call during one forward pass of ``model``."""
+    captured: dict[str, Call] = {}
 
-    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            captured.setdefault(name, args)
+    def recorder(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]:
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.setdefault(name, (args, kwargs))
 
         return record
 
-    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    handles = [module.register_forward_pre_hook(recorder(name), with_kwargs=True) for name, module in layers.items()]
     try:
         model(*example_args)
     finally:
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _new_choice(name: str, module: nn.Module) -> LayerChoice:
+    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    return LayerChoice(
+        name=name,
+        layer_type=type(module).__name__,
+        shape=tuple(weight.shape),
+        density=float(torch.count_nonzero(weight)) / weight.numel(),
+        dense_ms=None,
+        sparse_ms=None,
+        converted=False,
+        reason="",
+    )
+
+
+def _decide(
+    choice: LayerChoice, module: nn.Module, call: Call | None, min_speedup: float, repeats: int, device: torch.device
+) -> nn.Module | None:
+    """Fill in ``choice`` for ``module`` called as ``call``; the sparse version if it is to replace the layer."""
+    choice.reason = _not_convertible(module) or ("not called by the example input" if call is None else "")
+    if choice.reason or call is None:
+        return None
+    args, kwargs = call
+    sparse = _sparse_version(module).train(module.training)  # new modules start in training mode (dropout)
+    try:
+        sparse_output = sparse(*args, **kwargs)
+    except (RuntimeError, NotImplementedError) as error:
+        if not _UNSUPPORTED.search(str(error)):
+            raise
+        choice.reason = f"no sparse kernel here: {str(error).splitlines()[0]}"
+        return None
+    _check_output(choice.name, module(*args, **kwargs), sparse_output)
+    timings = _median_ms({"dense": module, "sparse": sparse}, call, repeats, device)
+    choice.dense_ms, choice.sparse_ms = timings["dense"], timings["sparse"]
+    choice.converted = choice.dense_ms >= min_speedup * choice.sparse_ms
+    choice.reason = f"{'>=' if choice.converted else '<'} x{min_speedup:g} faster"
+    return sparse if choice.converted else None
 
 
 @torch.no_grad()  # not inference_mode: its tensors could not be used, or loaded into, outside of it
@@ -487,12 +675,14 @@ def to_sparse_inference(
     """A copy of the trained ``model`` for inference in which each layer whose CSR kernel is faster runs sparse.
 
     Steps: copy ``model`` (unless ``inplace``), remove the ST-3/STR parametrizations (:func:`make_permanent`), switch
-    to ``eval()``, run the example input once to record each prunable layer's input, then for each ``nn.Linear`` and
-    ``nn.Conv2d``: build its :class:`SparseLinear`/:class:`SparseConv2d`, check that its output equals the dense
-    layer's (within :data:`OUTPUT_TOLERANCE`; a mismatch raises), time both on the recorded input (``repeats``
-    interleaved calls each, medians) and keep the sparse layer if ``dense_ms / sparse_ms >= min_speedup``. Layers
-    without a sparse kernel (``Conv1d``/``Conv3d``, ``nn.MultiheadAttention`` and its ``out_proj``, which it reads
-    directly) and layers the example input does not reach stay dense, with the reason in the report.
+    to ``eval()``, run the example input once to record each prunable layer's input, then for each ``nn.Linear``,
+    ``nn.Conv2d`` and ``nn.MultiheadAttention`` (with its ``out_proj``): build its sparse version, check that its
+    output equals the dense layer's (within :data:`OUTPUT_TOLERANCE`; a mismatch raises), time both on the recorded
+    input (``repeats`` interleaved calls each, medians) and keep the sparse layer if ``dense_ms / sparse_ms >=
+    min_speedup``. Layers without a sparse kernel (``Conv1d``/``Conv3d``, attention with ``kdim``/``vdim`` other
+    than ``embed_dim``, layer subclasses with their own ``forward``, half precision on a CPU) and layers the example
+    input does not reach stay dense, with the reason in the report. A converted model keeps
+    ``nn.TransformerEncoderLayer`` off its fused fast path (which reads dense weights), so its sparse layers run.
 
     The choice holds for the example input's shape, dtype and device: time with the batch size you will serve. The
     result runs on ``model``'s device; move the model before converting to choose for another device.
@@ -529,44 +719,24 @@ def to_sparse_inference(
     places = _places(dense_model)
     device = next((t.device for t in dense_model.parameters()), torch.device("cpu"))
     report = SparseInferenceReport(device=str(device))
+    attention: dict[int, LayerChoice] = {}  # an attention layer's out_proj goes with it
     for name, module in layers.items():
         parent = places[id(module)][0][0]
-        weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
-        choice = LayerChoice(
-            name=name,
-            layer_type=type(module).__name__,
-            shape=tuple(weight.shape),
-            density=float(torch.count_nonzero(weight)) / weight.numel(),
-            dense_ms=None,
-            sparse_ms=None,
-            converted=False,
-            reason=_not_convertible(name, module, parent) or "",
-        )
+        choice = _new_choice(name, module)
         report.layers.append(choice)
-        if choice.reason:
+        if isinstance(parent, nn.MultiheadAttention):
+            owner = attention.get(id(parent))
+            choice.converted = owner is not None and owner.converted
+            choice.reason = "in its sparse attention" if choice.converted else "its nn.MultiheadAttention stays dense"
             continue
-        if name not in inputs:
-            choice.reason = "not called by the example input"
-            continue
-        layer_args = inputs[name]
-        sparse = _sparse_version(module)
-        try:
-            sparse_output = sparse(*layer_args)
-        except (RuntimeError, NotImplementedError) as error:
-            if not _UNSUPPORTED.search(str(error)):
-                raise
-            choice.reason = f"no sparse kernel here: {str(error).splitlines()[0]}"
-            continue
-        _check_output(name, module(*layer_args), sparse_output)
-        timings = _median_ms({"dense": module, "sparse": sparse}, layer_args, repeats, device)
-        choice.dense_ms, choice.sparse_ms = timings["dense"], timings["sparse"]
-        choice.converted = choice.dense_ms >= min_speedup * choice.sparse_ms
-        choice.reason = f"{'>=' if choice.converted else '<'} x{min_speedup:g} faster"
-        if choice.converted:
+        if isinstance(module, nn.MultiheadAttention):
+            attention[id(module)] = choice
+        sparse = _decide(choice, module, inputs.get(name), min_speedup, repeats, device)
+        if sparse is not None:
             _replace(places, module, sparse)
     if report.converted:
         _check_output("the model", reference(*args), dense_model(*args))
-    end_to_end = _median_ms({"dense": reference, "sparse": dense_model}, args, repeats, device)
+    end_to_end = _median_ms({"dense": reference, "sparse": dense_model}, (args, {}), repeats, device)
     report.dense_ms, report.sparse_ms = end_to_end["dense"], end_to_end["sparse"]
     return dense_model, report
 
@@ -575,7 +745,8 @@ def restore_sparse_inference(model: nn.Module, state_dict: Mapping[str, Any]) ->
     """Load a converted model's ``state_dict`` into a freshly built (dense) model of the same architecture.
 
     Every layer whose entries in ``state_dict`` are CSR buffers (``<layer>.crow_indices`` ...) is replaced by an
-    empty :class:`SparseLinear`/:class:`SparseConv2d` of its configuration, then the whole state dict is loaded
+    empty :class:`SparseLinear`/:class:`SparseConv2d`/:class:`SparseMultiheadAttention` of its configuration, then
+    the whole state dict is loaded
     strictly. No timing is repeated: the choices were made when the model was converted.
 
     Args:
@@ -586,7 +757,8 @@ def restore_sparse_inference(model: nn.Module, state_dict: Mapping[str, Any]) ->
         ``model``, in ``eval()`` mode.
 
     Raises:
-        KeyError: If a layer named in ``state_dict`` does not exist in ``model`` or is not a Linear/Conv2d.
+        KeyError: If a layer named in ``state_dict`` does not exist in ``model`` or is not a Linear, Conv2d or
+            MultiheadAttention.
 
     Example::
 
@@ -597,20 +769,22 @@ def restore_sparse_inference(model: nn.Module, state_dict: Mapping[str, Any]) ->
     names = [key[: -len(suffix)] for key in state_dict if key.endswith(suffix)]
     modules = dict(model.named_modules())
     places = _places(model)
+    attention: list[str] = []  # converted attention layers: their out_proj came with them
     for name in names:
+        if any(name.startswith(prefix + ".") for prefix in attention):
+            continue
         module = modules.get(name)
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
             raise KeyError(
                 f"`state_dict` holds a sparse layer `{name}`, but the model has "
                 f"{'no such module' if module is None else type(module).__name__ + ' there'}; build the same "
                 "architecture that was converted."
             )
-        empty = (torch.zeros(module.weight.shape[0] + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        csr = (*empty, torch.zeros(0, dtype=module.weight.dtype))
-        if isinstance(module, nn.Linear):
-            sparse: _CSRLayer = SparseLinear(module.in_features, module.out_features, csr, module.bias)
-        else:
-            sparse = SparseConv2d(module, csr, module.bias)
-        _replace(places, module, sparse.to(module.weight.device))
+        with torch.no_grad():  # the layer is replaced anyway: zeros give an empty CSR to load into, not a full one
+            for _, tensor in module.named_parameters():
+                tensor.zero_()
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(name)
+        _replace(places, module, _sparse_version(module))
     model.load_state_dict(state_dict)
     return model.eval()

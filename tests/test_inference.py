@@ -14,6 +14,7 @@ from torchvision.models import VisionTransformer
 from lightning_stthree import (
     SparseConv2d,
     SparseLinear,
+    SparseMultiheadAttention,
     inference,
     make_permanent,
     register_st3_parametrization,
@@ -171,24 +172,90 @@ def test_an_st3_parametrized_model_converts_to_its_effective_weights() -> None:
     assert hasattr(model[0], "parametrizations")  # the parametrized input model still trains as before
 
 
-def test_transformer_encoder_feed_forward_converts_and_attention_stays_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transformer_encoder_converts_and_leaves_the_fused_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True)
     model = _sparsify(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)).eval()
     x = torch.randn(3, 7, 32)
     sparse_model, report = to_sparse_inference(model, x, min_speedup=0, repeats=1)
-    reasons = {c.name: c.reason for c in report.layers if not c.converted}
-    assert sorted(report.converted) == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
-    assert reasons["layers.0.self_attn"].startswith("nn.MultiheadAttention reads in_proj_weight")
-    assert reasons["layers.1.self_attn.out_proj"].startswith("out_proj: its nn.MultiheadAttention")
+    assert len(report.converted) == 8  # per block: self_attn, its out_proj, linear1, linear2
+    assert isinstance(sparse_model.layers[1].self_attn, SparseMultiheadAttention)
+    assert {c.reason for c in report.layers if c.name.endswith("out_proj")} == {"in its sparse attention"}
     # The dense model takes PyTorch's fused encoder fast path in eval mode; the converted one must not (that path
-    # reads linear1.weight as a dense tensor), and still gives the same outputs.
+    # reads the weights as dense tensors), and still gives the same outputs.
     calls = []
     original = inference.csr_linear
     monkeypatch.setattr(inference, "csr_linear", lambda *args: calls.append(1) or original(*args))
     with torch.inference_mode():
         torch.testing.assert_close(sparse_model(x), model(x), rtol=1e-4, atol=1e-5)
-    assert len(calls) == 4  # every converted layer ran its sparse kernel
+        assert len(calls) == 8  # every converted layer ran its sparse kernel
+        mask = torch.tensor([[False] * 7, [False] * 5 + [True] * 2, [False] * 6 + [True]])
+        causal = nn.Transformer.generate_square_subsequent_mask(7)
+        torch.testing.assert_close(
+            sparse_model(x, mask=causal, src_key_padding_mask=mask, is_causal=True),
+            model(x, mask=causal, src_key_padding_mask=mask, is_causal=True),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+ATTENTION_CALLS = {
+    "self": {},
+    "weights per head": {"average_attn_weights": False},
+    "no weights": {"need_weights": False},
+    "bool causal mask": {"attn_mask": torch.ones(5, 5, dtype=torch.bool).triu(1), "need_weights": False},
+    "float mask, weights": {"attn_mask": torch.randn(5, 5)},
+    "per-head mask": {"attn_mask": torch.randn(2 * 4, 5, 5), "need_weights": False},
+    "padding mask": {"key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2])},
+    "float padding mask": {"key_padding_mask": torch.tensor([[0.0] * 5, [0.0, -1.0, 0.0, 0.5, -9.0]])},
+    "causal hint": {"attn_mask": torch.ones(5, 5, dtype=torch.bool).triu(1), "is_causal": True, "need_weights": False},
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kwargs", ATTENTION_CALLS.values(), ids=ATTENTION_CALLS.keys())
+def test_sparse_attention_equals_multihead_attention(batch_first: bool, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    attention = _sparsify(nn.MultiheadAttention(16, 4, batch_first=batch_first)).eval()
+    with torch.no_grad():
+        attention.in_proj_weight.mul_(torch.rand(attention.in_proj_weight.shape) > 0.8)
+    sparse = SparseMultiheadAttention.from_dense(attention).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    expected, expected_weights = attention(x, x, x, **kwargs)
+    output, weights = sparse(x, x, x, **kwargs)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    if expected_weights is None:
+        assert weights is None
+    else:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    # Cross-attention (other key/value sequences, 3 source tokens) and an unbatched sequence.
+    memory = torch.randn(2, 3, 16) if batch_first else torch.randn(3, 2, 16)
+    for a, b in zip(attention(x, memory, memory), sparse(x, memory, memory), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    single = x[0] if batch_first else x[:, 0]
+    for a, b in zip(attention(single, single, single), sparse(single, single, single), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse.in_proj_weight, attention.in_proj_weight, rtol=0, atol=0)
+
+
+def test_attention_that_cannot_convert_says_why() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.biased = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+            self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+
+        def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return self.biased(x, x, x)[0] + self.cross(x, memory, memory)[0]
+
+    model = Model().eval()
+    example = (torch.randn(2, 3, 8), torch.randn(2, 4, 4))
+    _, report = to_sparse_inference(model, example, min_speedup=0, repeats=1)
+    assert {c.name: c.reason for c in report.layers} == {
+        "biased": "add_bias_kv/add_zero_attn are not supported",
+        "biased.out_proj": "its nn.MultiheadAttention stays dense",
+        "cross.out_proj": "its nn.MultiheadAttention stays dense",  # no in_proj_weight: not a prunable attention
+    }
 
 
 def test_vit_mlp_and_patch_embedding_convert() -> None:
@@ -279,6 +346,22 @@ def test_saves_and_loads_weights_only(tmp_path: object) -> None:
     assert torch.equal(sparse_model(x), other(x))
     with pytest.raises(KeyError, match=r"sparse layer `conv1`, but the model has no such module"):
         restore_sparse_inference(nn.Sequential(), state)
+
+
+def test_a_converted_transformer_restores_from_its_state_dict() -> None:
+    def build() -> nn.Module:
+        layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+        return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    torch.manual_seed(0)
+    sparse_model, _ = to_sparse_inference(_sparsify(build()), torch.randn(2, 5, 16), min_speedup=0, repeats=1)
+    buffer = io.BytesIO()
+    torch.save(sparse_model.state_dict(), buffer)
+    buffer.seek(0)
+    restored = restore_sparse_inference(build(), torch.load(buffer, weights_only=True))
+    x = torch.randn(3, 4, 16)
+    assert isinstance(restored.layers[0].self_attn.out_proj, SparseLinear)
+    assert torch.equal(restored(x), sparse_model(x))
 
 
 def test_inference_mode_and_dtype_moves() -> None:
