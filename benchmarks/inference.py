@@ -117,7 +117,6 @@ def run(model_name: str, sparsity: float, batch: int, rounds: int, repeats: int,
         "dense_samples_per_s": 1000 * batch / result["dense_ms"],
         "sparse_samples_per_s": 1000 * batch / result["sparse_ms"],
         "converted_layers": len(report.converted),
-        "convertible_layers": sum(c.dense_ms is not None for c in report.layers),
         "prunable_layers": len(report.layers),
         "convert_seconds": convert_seconds,
         "max_relative_error": error,
@@ -133,7 +132,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += [
         f"| {r['model']} | {r['target_sparsity']:.0%} | {r['batch']} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} "
         f"| x{r['speedup']:.2f} | {r['dense_samples_per_s']:.0f} → {r['sparse_samples_per_s']:.0f} "
-        f"| {r['converted_layers']}/{r['convertible_layers']} |"
+        f"| {r['converted_layers']}/{r['prunable_layers']} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(
                     f"{model_name:<12} {sparsity:.0%} batch {batch:>3}: dense {row['dense_ms']:8.2f} ms, sparse "
                     f"{row['sparse_ms']:8.2f} ms, x{row['speedup']:.2f}, {row['converted_layers']}/"
-                    f"{row['convertible_layers']} layers converted (conversion {row['convert_seconds']:.1f} s)",
+                    f"{row['prunable_layers']} layers converted (conversion {row['convert_seconds']:.1f} s)",
                     flush=True,
                 )
     print()
