@@ -48,3 +48,21 @@ def test_accuracy_benchmark_quick_mode_trains_every_method(tmp_path: Path) -> No
     assert len(saved["runs"]) == 5
     assert (tmp_path / "accuracy_quick.md").read_text().startswith("| target | method |")
     assert (tmp_path / "accuracy_quick.png").stat().st_size > 10_000
+
+
+def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> None:
+    inference = _load("inference")
+    out = tmp_path / "inference.json"
+    args = ["--models", "transformer", "resnet20", "--sparsities", "0.98", "--batches", "2", "--rounds", "1"]
+    result = inference.main([*args, "--repeats", "1", "--out", str(out)])
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"transformer", "resnet20"}
+    for row in rows.values():
+        assert row["measured_sparsity"] == pytest.approx(0.98, abs=1e-4)
+        assert row["max_relative_error"] < 1e-4
+        assert row["dense_ms"] > 0
+        assert row["sparse_ms"] > 0
+        assert row["prunable_layers"] == row["report"].count("(")  # one choice with its reason per layer
+    assert rows["transformer"]["prunable_layers"] == 16
+    assert json.loads(out.read_text())["rows"][0]["model"] == "transformer"
+    assert out.with_suffix(".md").read_text().startswith("| model | sparsity | batch |")
