@@ -685,7 +685,8 @@ def to_sparse_inference(
     ``nn.TransformerEncoderLayer`` off its fused fast path (which reads dense weights), so its sparse layers run.
 
     The choice holds for the example input's shape, dtype and device: time with the batch size you will serve. The
-    result runs on ``model``'s device; move the model before converting to choose for another device.
+    result runs on ``model``'s device; move the model before converting to choose for another device. While it
+    converts, a dense copy of the model is kept for the end-to-end timing and check (two with ``inplace=False``).
 
     Args:
         model: A trained model, with ST-3/STR parametrizations or made permanent.
