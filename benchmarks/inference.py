@@ -35,8 +35,14 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_stthree import find_prunable_layers, make_permanent, register_st3_parametrization, to_sparse_inference
-from lightning_stthree.layers import pruned_tensor
+from lightning_stthree import (
+    find_prunable_layers,
+    make_permanent,
+    register_st3_parametrization,
+    sparsity_report,
+    to_sparse_inference,
+)
+from lightning_stthree.inference import interleaved_times
 from lightning_stthree.models import cifar_resnet
 from lightning_stthree.parametrization import raw_weight
 from lightning_stthree.threshold import global_threshold, layer_score_factor
@@ -71,24 +77,10 @@ def prune_once(model: nn.Module, sparsity: float) -> nn.Module:
     return make_permanent(model)
 
 
-def _sparsity(model: nn.Module) -> float:
-    weights = [pruned_tensor(layer) for layer in find_prunable_layers(model).values()]
-    return 1.0 - sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
-
-
 def measure(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, rounds: int) -> dict[str, float]:
     """Median latencies (ms) of both models and the median of the per-round ratios, interleaved after a warm-up."""
-    synchronize = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
     with torch.inference_mode():
-        for round_index in range(rounds + 1):
-            for name, model in (("dense", dense), ("sparse", sparse)):
-                synchronize()
-                start = time.perf_counter()
-                model(x)
-                synchronize()
-                if round_index:
-                    times[name].append(time.perf_counter() - start)
+        times = interleaved_times({"dense": dense, "sparse": sparse}, ((x,), {}), rounds, x.device)
     ratios = [d / s for d, s in zip(times["dense"], times["sparse"], strict=True)]
     return {
         "dense_ms": 1000 * statistics.median(times["dense"]),
@@ -107,11 +99,12 @@ def run(model_name: str, sparsity: float, batch: int, rounds: int, repeats: int,
     convert_seconds = time.perf_counter() - start
     result = measure(dense, sparse, x, rounds)
     with torch.inference_mode():
-        error = float((sparse(x) - dense(x)).abs().max() / dense(x).abs().max())
+        expected = dense(x)
+        error = float((sparse(x) - expected).abs().max() / expected.abs().max())
     return {
         "model": model_name,
         "target_sparsity": sparsity,
-        "measured_sparsity": _sparsity(dense),
+        "measured_sparsity": 1.0 - sparsity_report(dense)[-1]["density"],
         "batch": batch,
         **result,
         "dense_samples_per_s": 1000 * batch / result["dense_ms"],

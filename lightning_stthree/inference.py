@@ -5,10 +5,10 @@ multiplied. :func:`to_sparse_inference` replaces each ``nn.Linear``, ``nn.Conv2d
 sparse kernel is faster than its dense one *on the example input* with :class:`SparseLinear` / :class:`SparseConv2d` /
 :class:`SparseMultiheadAttention`, which store the weight in CSR (compressed sparse rows: ``crow_indices``,
 ``col_indices``, ``values``) and multiply with PyTorch's sparse ``addmm`` (MKL on a CPU, cuSPARSE on a GPU). A
-convolution is lowered to a matrix product: ``unfold`` (im2col) of the
-input, then the CSR weight ``(out_channels, in_channels / groups * kh * kw)`` times the columns (a grouped
-convolution is one block-diagonal CSR matrix). Every choice is timed on the layer's real input and recorded in a
-:class:`SparseInferenceReport`.
+convolution is lowered to a matrix product: ``unfold`` (im2col) of the input, then the CSR weight ``(out_channels,
+in_channels / groups * kh * kw)`` times the columns (a grouped convolution is one block-diagonal CSR matrix). Attention
+projects with CSR matrices and attends with ``F.scaled_dot_product_attention``. Every choice is timed on the layer's
+real input and recorded in a :class:`SparseInferenceReport`.
 
 The maths is in plain functions (:func:`dense_to_csr`, :func:`conv_weight_to_csr`, :func:`csr_linear`,
 :func:`csr_conv2d`); the modules only hold the CSR tensors as buffers, so a converted model's ``state_dict`` holds
@@ -17,13 +17,14 @@ plain tensors only and loads with ``torch.load(weights_only=True)`` (see :func:`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree.export import make_permanent
-from lightning_stthree.layers import find_prunable_layers
+from lightning_stthree.layers import find_prunable_layers, pruned_tensor
 from lightning_stthree.report import format_table
 
 # Default ratio dense time / sparse time a layer must reach to be converted: a margin over timing noise so that a
@@ -47,11 +48,21 @@ HALF_OUTPUT_TOLERANCE = 2e-2
 _CSR_KEYS = ("crow_indices", "col_indices", "values")
 # How PyTorch says that a sparse kernel does not exist for a dtype or device (e.g. CPU float16/bfloat16 CSR addmm).
 _UNSUPPORTED = re.compile(r"not implemented|not supported|unsupported", re.IGNORECASE)
+# How a layer was called: its positional and keyword arguments.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Functional core
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_csr() -> Iterator[None]:
+    """Silence PyTorch's "Sparse CSR tensor support is in beta" warning while building CSR tensors."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
 
 
 def dense_to_csr(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,8 +77,7 @@ def dense_to_csr(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     if matrix.ndim != 2:
         raise ValueError(f"`matrix` must be 2-D, got shape {tuple(matrix.shape)}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with _quiet_csr():
         csr = matrix.detach().to_sparse_csr()
     return csr.crow_indices(), csr.col_indices(), csr.values()
 
@@ -99,9 +109,13 @@ def conv_weight_to_csr(weight: Tensor, groups: int = 1) -> tuple[Tensor, Tensor,
 
 
 def _csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    with _quiet_csr():
         return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _csr_matmul(weight: Tensor, columns: Tensor, bias: Tensor | None) -> Tensor:
+    """``weight @ columns`` (+ ``bias`` per row) with the CSR ``weight`` on the left, where sparse kernels are fast."""
+    return torch.mm(weight, columns) if bias is None else torch.addmm(bias.unsqueeze(1), weight, columns)
 
 
 def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -111,8 +125,7 @@ def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     are fast at) and returned transposed: for 2-D ``x`` the result is a ``(batch, out_features)`` view whose
     transpose, what a following :class:`SparseLinear` multiplies, is contiguous.
     """
-    rows = x.reshape(-1, x.shape[-1]).T
-    out = torch.mm(weight, rows) if bias is None else torch.addmm(bias.unsqueeze(1), weight, rows)
+    out = _csr_matmul(weight, x.reshape(-1, x.shape[-1]).T, bias)
     return out.T.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -149,7 +162,7 @@ def csr_conv2d(
     else:
         unfolded = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
         columns = unfolded.transpose(0, 1).reshape(unfolded.shape[1], batch * out_h * out_w)
-    out = torch.mm(weight, columns) if bias is None else torch.addmm(bias.unsqueeze(1), weight, columns)
+    out = _csr_matmul(weight, columns, bias)
     return out.view(weight.shape[0], batch, out_h, out_w).transpose(0, 1).contiguous()
 
 
@@ -164,8 +177,9 @@ def _no_fast_path(module: nn.Module, args: tuple[Any, ...]) -> None:
 
 
 class _CSRLayer(nn.Module):
-    """The CSR weight as three buffers, the bias as a buffer; shared by :class:`SparseLinear` and
-    :class:`SparseConv2d`. Inference only: nothing here is a Parameter, so an optimizer sees no weights to train."""
+    """The CSR weight as three buffers and the bias as a buffer (named ``_bias_name``); the base of
+    :class:`SparseLinear`, :class:`SparseConv2d` and :class:`SparseMultiheadAttention`. Inference only: nothing here is
+    a Parameter, so an optimizer sees no weights to train."""
 
     crow_indices: Tensor
     col_indices: Tensor
@@ -318,8 +332,10 @@ def csr_row_slice(weight: Tensor, start: int, stop: int) -> Tensor:
 
 def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A boolean mask (True: may not attend) as ``-inf``/``0`` in ``dtype``; a float mask as it is."""
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
 
 
@@ -527,10 +543,11 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
     return example_input if isinstance(example_input, tuple) else (example_input,)
 
 
-def _median_ms(
+def interleaved_times(
     functions: Mapping[str, Callable[..., Any]], call: Call, repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median wall time of each ``function(*args, **kwargs)`` in ms, interleaved round by round after a warm-up."""
+) -> dict[str, list[float]]:
+    """Wall times in seconds of ``repeats`` calls ``function(*args, **kwargs)`` of each function, interleaved round
+    by round after one warm-up round (synchronizing a GPU around each call)."""
     args, kwargs = call
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in functions}
@@ -542,6 +559,14 @@ def _median_ms(
             synchronize()
             if round_index:  # round 0 warms up (allocations, MKL's sparse handles, cuSPARSE descriptors)
                 times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _median_ms(
+    functions: Mapping[str, Callable[..., Any]], call: Call, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median of :func:`interleaved_times` per function, in milliseconds."""
+    times = interleaved_times(functions, call, repeats, device)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
@@ -604,9 +629,6 @@ def _check_output(name: str, dense: Any, sparse: Any) -> None:
             )
 
 
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
 def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_args: tuple[Any, ...]) -> dict:
     """Each layer's ``(args, kwargs)`` on its first call during one forward pass of ``model``."""
     captured: dict[str, Call] = {}
@@ -627,7 +649,7 @@ def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_a
 
 
 def _new_choice(name: str, module: nn.Module) -> LayerChoice:
-    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    weight = pruned_tensor(module)
     return LayerChoice(
         name=name,
         layer_type=type(module).__name__,
@@ -747,8 +769,7 @@ def restore_sparse_inference(model: nn.Module, state_dict: Mapping[str, Any]) ->
 
     Every layer whose entries in ``state_dict`` are CSR buffers (``<layer>.crow_indices`` ...) is replaced by an
     empty :class:`SparseLinear`/:class:`SparseConv2d`/:class:`SparseMultiheadAttention` of its configuration, then
-    the whole state dict is loaded
-    strictly. No timing is repeated: the choices were made when the model was converted.
+    the whole state dict is loaded strictly. No timing is repeated: the choices were made when the model was converted.
 
     Args:
         model: The plain model (same architecture as the one given to :func:`to_sparse_inference`), modified in place.
