@@ -19,6 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
+from lightning_stthree.distributed import local_tensor
 from lightning_stthree.layers import pruned_tensor
 from lightning_stthree.parametrization import (
     SoftThresholdParametrization,
@@ -276,7 +277,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         super().on_train_start(trainer, pl_module)
         self._warned_nonfinite = False
         # The thresholds in place (zero, or restored from a checkpoint) go with the weights as they are now.
-        self._versions = [raw_weight(m)._version for m in self._layers.values()]
+        self._versions = self._raw_versions()
         self._resolve_schedule(trainer.estimated_stepping_batches)
         if trainer.global_step < self.last_update_step:
             self.last_update_step = -1  # the callback is reused for a new run that starts over
@@ -375,7 +376,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         self.sparsity = sparsity
         self.threshold = float(threshold)
         self.last_update_step = step
-        self._versions = [w._version for w in weights]
+        self._versions = self._raw_versions()
 
     def _update_if_weights_replaced(self, step: int) -> None:
         """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
@@ -384,9 +385,13 @@ class ST3PruningCallback(SparseTrainingCallback):
             step == self.last_update_step
             and not self.frozen
             and self._start_step is not None
-            and [raw_weight(m)._version for m in self._layers.values()] != self._versions
+            and self._raw_versions() != self._versions
         ):
             self.update_threshold(step)
+
+    def _raw_versions(self) -> list[int]:
+        """The in-place version counters of the raw weights (of this rank's shards, when sharded)."""
+        return [local_tensor(raw_weight(m))._version for m in self._layers.values()]
 
     def _weights_finite(self, step: int, weights: list[torch.Tensor]) -> bool:
         """Whether every raw weight is finite; if not, raise or warn as ``on_nonfinite`` says."""
@@ -527,6 +532,7 @@ class STRPruningCallback(SparseTrainingCallback):
 
     log_prefix = "str"
     method_name = "STR"
+    supports_sharding = False
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_stthree.distributed import is_dtensor, on_local_rows
 from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
@@ -235,7 +236,7 @@ class SoftThresholdParametrization(SparseParametrization):
         """``|w| <= t_layer`` (exactly where the soft and hard thresholds give zero; the rescale is >= 1), or, in the
         fine-tune phase, the zeros of ``where(mask, w, 0)`` (masked entries and kept weights that are exactly 0)."""
         if self.mask is not None:
-            return torch.where(self.mask, weight, 0.0) == 0
+            return torch.where(self._mask_like(weight), weight, 0.0) == 0
         return ~above_threshold(weight, self.threshold)
 
     def missing_state(self) -> dict[str, Tensor]:
@@ -255,10 +256,25 @@ class SoftThresholdParametrization(SparseParametrization):
         self.threshold.zero_()
         self.mask = mask.to(dtype=torch.bool, device=self.threshold.device)
 
+    def _mask_like(self, weight: Tensor) -> Tensor:
+        """The fixed mask for ``weight``: the whole mask, or this rank's rows of a mask sharded like the raw weight.
+
+        Under FSDP2 the mask is a DTensor sharded like the raw weight; the forward pass sees the gathered weight, and
+        then gathers the mask too (one byte per weight, in the fine-tune phase only)."""
+        mask = self.mask
+        if not is_dtensor(mask):
+            return mask
+        local = mask.to_local()
+        return local if local.shape == weight.shape else mask.full_tensor()
+
     def forward(self, weight: Tensor) -> Tensor:
-        """Return the effective weight for the raw ``weight``."""
+        """Return the effective weight for the raw ``weight`` (a DTensor sharded on dim 0 is thresholded shard by
+        shard: the rescale only needs whole output channels)."""
+        return on_local_rows(self._effective, weight)
+
+    def _effective(self, weight: Tensor) -> Tensor:
         if self.mask is not None:
-            return torch.where(self.mask, weight, 0.0)
+            return torch.where(self._mask_like(weight), weight, 0.0)
         if self.straight_through:
             return _StraightThroughEffectiveWeight.apply(weight, self.threshold, self.soft_threshold, self.rescale)
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)

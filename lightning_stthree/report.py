@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lightning_stthree.distributed import count_per_tensor
 from lightning_stthree.flops import measure_layer_macs
 from lightning_stthree.layers import find_prunable_layers, pruned_tensor
 from lightning_stthree.parametrization import find_sparse_parametrization
@@ -36,6 +37,8 @@ def sparsity_report(
             :func:`~lightning_stthree.flops.measure_layer_macs`); ignored when ``layer_macs`` is given.
         layer_macs: Dense MACs per layer name, if already measured.
 
+    With sharded (FSDP2) weights every rank must call it: the zeros are counted shard by shard and all-reduced.
+
     Returns:
         The rows, ready for ``pandas.DataFrame(rows)`` or :func:`format_report`.
     """
@@ -43,9 +46,9 @@ def sparsity_report(
     if layer_macs is None and example_input is not None:
         layer_macs = measure_layer_macs(model, example_input, layers)
     rows: list[dict[str, Any]] = []
-    for name, module in layers.items():
-        weight = pruned_tensor(module)
-        zeros = weight.numel() - int(torch.count_nonzero(weight))
+    weights = [pruned_tensor(module) for module in layers.values()]
+    all_zeros = count_per_tensor(weights, lambda _, part: torch.count_nonzero(part == 0))
+    for (name, module), weight, zeros in zip(layers.items(), weights, all_zeros, strict=True):
         density = 1.0 - zeros / weight.numel()
         dense = None if layer_macs is None else float(layer_macs.get(name, 0.0))
         rows.append(

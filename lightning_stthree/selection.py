@@ -14,6 +14,11 @@ always one of the scores, and for unit shares it is bitwise the k-th smallest sc
 
 Scores are produced in chunks of :data:`CHUNK_SIZE` elements, so the extra memory is a few chunk-sized temporaries
 (plus the candidates) whatever the model's size. Everything runs on the weights' device (CPU or GPU).
+
+Sharded weights (DTensors, FSDP2): every rank builds both histograms over its own shards and the histograms are
+all-reduced (:mod:`~lightning_stthree.distributed`), so each update communicates ``2 * 65536`` float64 counts (1 MiB)
+whatever the number of weights, and every rank gets the threshold a single process gets on the whole weights (the
+counts are exact). The near-pivot pass is skipped there: its candidates would have to be gathered.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from lightning_stthree.distributed import Reduce, local_parts
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
@@ -53,7 +60,7 @@ def score_chunks(weight: Tensor, factor: float = 1.0, buffer: Tensor | None = No
 
 
 def _score_buffer(weights: Sequence[Tensor]) -> Tensor:
-    size = min(CHUNK_SIZE, max(w.numel() for w in weights))
+    size = min(CHUNK_SIZE, max(max(w.numel() for w in weights), 1))
     return torch.empty(size, dtype=torch.float32, device=weights[0].device)
 
 
@@ -97,8 +104,15 @@ def _select_near_pivot(
     return values[index]
 
 
-def _radix_select(weights: Sequence[Tensor], factors: Sequence[float], shares: Sequence[float], goal: float) -> Tensor:
-    """The answer by a two-pass radix selection over the scores' float32 bit patterns."""
+def _radix_select(
+    weights: Sequence[Tensor],
+    factors: Sequence[float],
+    shares: Sequence[float],
+    goal: float,
+    reduce: Reduce | None = None,
+) -> Tensor:
+    """The answer by a two-pass radix selection over the scores' float32 bit patterns; ``reduce`` sums each
+    histogram over the ranks holding the other shards of ``weights``."""
     device = weights[0].device
     buffer = _score_buffer(weights)
 
@@ -112,7 +126,7 @@ def _radix_select(weights: Sequence[Tensor], factors: Sequence[float], shares: S
                 else:
                     keys = keys[(keys >> _RADIX_BITS) == bucket] & (_RADIX_BUCKETS - 1)
                 counts += torch.bincount(keys, minlength=_RADIX_BUCKETS).double() * share
-        return counts
+        return counts if reduce is None else reduce(counts)
 
     def locate(counts: Tensor, goal: float) -> tuple[int, float]:
         cumulative = counts.cumsum(0)
@@ -139,7 +153,8 @@ def select_threshold(
     \ge \mathrm{goal}`.
 
     Args:
-        weights: The raw weight tensors (any shapes and floating dtypes, one device).
+        weights: The raw weight tensors (any shapes and floating dtypes, one device); DTensors (sharded weights) are
+            counted shard by shard and the counts all-reduced (see the module docstring).
         factors: Score factor per tensor (``score = |w| * factor``; 1 for ST-3's ``"l1"``).
         shares: What each weight of the tensor counts toward ``goal`` (1 to count weights).
         goal: Must be ``> 0``; a goal above the total gives the largest score.
@@ -149,6 +164,9 @@ def select_threshold(
     Returns:
         A 0-dim float32 tensor on the weights' device, equal to one of the scores.
     """
+    parts = local_parts(weights)
+    if parts.reduce is not None:
+        return _radix_select(parts.tensors, factors, shares, goal, parts.reduce)
     if pivot is not None and math.isfinite(pivot) and pivot > 0:
         near = _select_near_pivot(weights, factors, shares, goal, pivot, window)
         if near is not None:

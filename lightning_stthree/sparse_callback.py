@@ -26,12 +26,14 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
+from lightning_stthree.distributed import count_per_tensor, follow_parametrization, is_dtensor
 from lightning_stthree.export import make_permanent
 from lightning_stthree.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.layers import (
     PRUNABLE_TYPES,
     find_prunable_layers,
     pruned_tensor,
+    pruned_tensor_name,
     unpruned_attention,
     validate_exclude,
     validate_include_types,
@@ -73,6 +75,8 @@ class SparseTrainingCallback(Callback):
     log_prefix: ClassVar[str] = "sparse"
     #: The method's name in messages and titles.
     method_name: ClassVar[str] = "Sparse training"
+    #: Whether the method works on weights sharded by FSDP2 (DTensors).
+    supports_sharding: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -226,8 +230,10 @@ class SparseTrainingCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
         directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
-        if trainer.is_global_zero and (self.report or self.save_plots):
+        if self.report or self.save_plots:
+            # Every rank counts its shards (sharded training), rank zero prints and plots.
             rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
+        if trainer.is_global_zero and (self.report or self.save_plots):
             if self.report:
                 self._print_report(trainer, rows)
             if directory is not None:
@@ -241,7 +247,10 @@ class SparseTrainingCallback(Callback):
     ) -> None:
         # Runs before Lightning restores the optimizer, whose state is indexed by parameter position: a parametrized
         # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
-        if trainer.state.fn == "fit" and not any(RAW_KEY_PATTERN.match(key) for key in checkpoint["state_dict"]):
+        # A distributed checkpoint (ModelParallelStrategy) loads the weights into the sharded model itself and has no
+        # "state_dict" here; loading a dense one into the parametrized model fails there on the missing raw keys.
+        keys = checkpoint.get("state_dict", {"parametrizations.weight.original": None})
+        if trainer.state.fn == "fit" and not any(RAW_KEY_PATTERN.match(key) for key in keys):
             raise MisconfigurationException(
                 f"`ckpt_path` points to a checkpoint of a run without {self.method_name}; its optimizer state "
                 f"cannot be resumed with {self._name} (the parametrizations change the order of the parameters). "
@@ -263,20 +272,19 @@ class SparseTrainingCallback(Callback):
 
         Counted on the raw weight with the parametrization's :meth:`~SparseParametrization.pruned` (one cheap pass,
         the same entries as the zeros of the effective weight); layers made permanent are counted on their weight.
+        Sharded weights are counted shard by shard and the counts all-reduced: every rank gets the global values.
         """
-        per_layer: dict[str, float] = {}
-        zeros = total = 0
-        for name, module in self._layers.items():
-            parametrization = find_sparse_parametrization(module)
-            weight = self._raw(name)
-            if parametrization is None:
-                layer_zeros = weight.numel() - int(torch.count_nonzero(weight))
-            else:
-                layer_zeros = int(torch.count_nonzero(parametrization.pruned(weight)))
-            per_layer[name] = layer_zeros / weight.numel()
-            zeros += layer_zeros
-            total += weight.numel()
-        return zeros / total, per_layer
+        names = list(self._layers)
+        weights = [self._raw(name) for name in names]
+        parametrizations = [find_sparse_parametrization(self._layers[name]) for name in names]
+
+        def zeros(index: int, part: torch.Tensor) -> torch.Tensor:
+            parametrization = parametrizations[index]
+            return torch.count_nonzero(part == 0 if parametrization is None else parametrization.pruned(part))
+
+        counts = count_per_tensor(weights, zeros)
+        per_layer = {name: count / w.numel() for name, count, w in zip(names, counts, weights, strict=True)}
+        return sum(counts) / sum(w.numel() for w in weights), per_layer
 
     @torch.no_grad()
     def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
@@ -288,9 +296,10 @@ class SparseTrainingCallback(Callback):
             return {}
         sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
         densities = {name: 1.0 - value for name, value in sparsity.items()}
-        for name, module in self._other_layers.items():
-            weight = pruned_tensor(module)
-            densities[name] = int(torch.count_nonzero(weight)) / weight.numel()
+        others = [pruned_tensor(module) for module in self._other_layers.values()]
+        nonzero = count_per_tensor(others, lambda _, part: torch.count_nonzero(part))
+        for name, weight, count in zip(self._other_layers, others, nonzero, strict=True):
+            densities[name] = count / weight.numel()
         dense = sum(self._layer_macs.values())
         sparse = sparse_macs(self._layer_macs, densities)
         return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
@@ -317,7 +326,10 @@ class SparseTrainingCallback(Callback):
 
     def _raw(self, name: str) -> torch.Tensor:
         """The raw weight of pruned layer ``name`` (its plain pruned tensor once made permanent)."""
-        module = self._layers[name]
+        return self._raw_of(self._layers[name])
+
+    @staticmethod
+    def _raw_of(module: nn.Module) -> torch.Tensor:
         return pruned_tensor(module) if find_sparse_parametrization(module) is None else raw_weight(module)
 
     def _warn_emptied_layers(self, step: int, per_layer: dict[str, float]) -> None:
@@ -325,11 +337,9 @@ class SparseTrainingCallback(Callback):
         which is almost never intended and, with straight-through gradients, usually means training diverged. A layer
         whose raw weights are all zero (e.g. torchvision ViT's zero-initialised head) has lost nothing to pruning and is
         not reported."""
-        emptied = [
-            name
-            for name, value in per_layer.items()
-            if value == 1.0 and name not in self._warned_empty and bool(self._raw(name).any())
-        ]
+        candidates = [name for name, value in per_layer.items() if value == 1.0 and name not in self._warned_empty]
+        nonzero = count_per_tensor([self._raw(name) for name in candidates], lambda _, part: torch.count_nonzero(part))
+        emptied = [name for name, count in zip(candidates, nonzero, strict=True) if count]
         if not emptied:
             return
         self._warned_empty.update(emptied)
@@ -464,12 +474,25 @@ class SparseTrainingCallback(Callback):
                 )
         self._check_no_overlap(trainer, layers)
         for name, module in layers.items():
+            self._check_shardable(name, module)
             try:
                 self._register(module)
+                follow_parametrization(pl_module, module, pruned_tensor_name(module))
             except ValueError as err:
                 raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
         self._layers = layers
         log.debug("%s prunes %d layers: %s", self._name, len(layers), list(layers))
+
+    def _check_shardable(self, name: str, module: nn.Module) -> None:
+        """A method whose parametrization has parameters of its own cannot prune sharded (FSDP2) weights: FSDP2
+        would not manage those parameters, so their gradients would differ across ranks."""
+        if self.supports_sharding or not is_dtensor(self._raw_of(module)):
+            return
+        raise MisconfigurationException(
+            f"{self._name} cannot prune `{name}`: its weight is sharded (FSDP2 / ModelParallelStrategy), and "
+            f"{self.method_name}'s per-layer threshold parameters would not be sharded and synchronised with it. "
+            "HINT: use ST3PruningCallback, or DDP (`strategy='ddp'`)."
+        )
 
     def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:
         for other in trainer.callbacks:

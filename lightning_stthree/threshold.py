@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_stthree.distributed import count_per_tensor, local_parts
 from lightning_stthree.selection import PIVOT_WINDOW, score_chunks, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
@@ -152,7 +153,8 @@ def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
     clears); only the tensors whose sum is not finite are counted entry by entry.
 
     Args:
-        weights: Floating-point tensors on one device.
+        weights: Floating-point tensors on one device; DTensors are checked shard by shard, with one all-reduce of
+            the sums (and of the counts, if any sum is not finite).
 
     Returns:
         The offending tensors' indices in ``weights`` with their NaN and infinity counts; empty if all are finite.
@@ -164,12 +166,14 @@ def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
     """
     if not weights:
         return {}
-    sums = torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in weights])
+    parts = local_parts(weights)
+    sums = parts.total(
+        torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
+    )
     suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
-    found: dict[int, tuple[int, int]] = {}
-    for index in suspects:
-        weight = weights[index].detach()
-        nans, infs = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
-        if nans or infs:
-            found[index] = (nans, infs)
-    return found
+    if not suspects:
+        return {}
+    chosen = [weights[index] for index in suspects]
+    nans = count_per_tensor(chosen, lambda _, part: torch.isnan(part.detach()).sum())
+    infs = count_per_tensor(chosen, lambda _, part: torch.isinf(part.detach()).sum())
+    return {index: (n, i) for index, n, i in zip(suspects, nans, infs, strict=True) if n or i}
