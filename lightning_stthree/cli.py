@@ -27,7 +27,9 @@ SHAPE_ATTRIBUTES = ("num_classes", "in_channels", "image_size")
 
 
 def summary(trainer: Trainer, log_dir: str | None) -> str:
-    """What a person wants to see when a run ends: accuracy, sparsity, MACs and where the files are."""
+    """What a person wants to see when a run ends: accuracy, sparsity, MACs and where the files are.
+
+    Every rank must call it under sharded training (the sparsity is counted from the shards with a collective)."""
     methods = [c for c in trainer.callbacks if isinstance(c, SparseTrainingCallback)]
     name = " + ".join(c.method_name for c in methods) or "Dense"
     lines = [f"{name} run finished after {trainer.global_step} optimizer steps"]
@@ -119,8 +121,9 @@ def main(args: list[str] | None = None) -> Any:
 
         def after_fit(self) -> None:
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+            text = summary(self.trainer, log_dir)  # sharded weights are counted by every rank
             if self.trainer.is_global_zero:
-                print(summary(self.trainer, log_dir))  # the command's output, not a log line
+                print(text)  # the command's output, not a log line
 
         def after_predict(self) -> None:
             log_dir = self.trainer.log_dir

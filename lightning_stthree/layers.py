@@ -30,10 +30,19 @@ PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
 _TENSOR_NAMES: dict[type[nn.Module], str] = {nn.MultiheadAttention: "in_proj_weight"}
 
 
+def layer_type(module: nn.Module) -> type[nn.Module]:
+    """The class ``module`` was built as, before the classes that parametrizations (``Parametrized<Layer>``) and
+    FSDP2's ``fully_shard`` (``FSDP<Layer>``) generate around it."""
+    for cls in type(module).__mro__:
+        if cls.__module__ != parametrize.__name__ and not cls.__module__.startswith("torch.distributed."):
+            return cls
+    return type(module)
+
+
 def pruned_tensor_name(module: nn.Module) -> str:
     """The name of the tensor of ``module`` that is pruned: ``"in_proj_weight"`` for ``nn.MultiheadAttention``
     (and subclasses), ``"weight"`` for every other layer."""
-    cls = parametrize.type_before_parametrizations(module)
+    cls = layer_type(module)
     return next((name for base, name in _TENSOR_NAMES.items() if issubclass(cls, base)), "weight")
 
 

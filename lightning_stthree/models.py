@@ -384,6 +384,9 @@ class ImageClassifier(pl.LightningModule):
         decay_bias_and_norm: Apply ``weight_decay`` to biases and normalisation parameters too (PyTorch's default).
             ``False`` decays only the weights of multi-dimensional parameters (conv and linear weights), as the
             authors' code does.
+        shard: Shard the network with FSDP2 in ``configure_model``: ``fully_shard`` on every ``Linear``/``Conv``
+            layer, then on the whole network, over the strategy's data-parallel mesh. Needs
+            ``strategy=ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1)``.
 
     Raises:
         ValueError: If an argument is out of range or ``model`` is unknown.
@@ -412,6 +415,7 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         warmup_fraction: float = 0.0,
         decay_bias_and_norm: bool = True,
+        shard: bool = False,
     ) -> None:
         super().__init__()
         self.lr_milestones = _check_optimizer_arguments(
@@ -422,12 +426,34 @@ class ImageClassifier(pl.LightningModule):
         _check_number("label_smoothing", label_smoothing, 0.0, 1.0, "[)")
         _check_number("warmup_fraction", warmup_fraction, 0.0, 1.0, "[)")
         check_bool("decay_bias_and_norm", decay_bias_and_norm)
+        check_bool("shard", shard)
         self.save_hyperparameters()
         self.model = _build_model(model, num_classes, in_channels, argument="model")
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    @override
+    def configure_model(self) -> None:
+        if not self.hparams.shard:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):
+            return  # sharded by an earlier stage of this Trainer
+        if self.device_mesh is None or "data_parallel" not in (self.device_mesh.mesh_dim_names or ()):
+            raise MisconfigurationException(
+                "ImageClassifier(shard=True) shards the network with FSDP2 over the data-parallel mesh of "
+                "Lightning's ModelParallelStrategy, but the Trainer's strategy is "
+                f"{type(self.trainer.strategy).__name__}. HINT: pass `strategy=ModelParallelStrategy("
+                "data_parallel_size=<number of processes>, tensor_parallel_size=1)` or `shard=False`."
+            )
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lightning_stthree.distributed import count_per_tensor
 from lightning_stthree.flops import measure_layer_macs
-from lightning_stthree.layers import find_prunable_layers, pruned_tensor
+from lightning_stthree.layers import find_prunable_layers, layer_type, pruned_tensor
 from lightning_stthree.parametrization import find_sparse_parametrization
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
@@ -54,7 +53,7 @@ def sparsity_report(
         rows.append(
             {
                 "name": name,
-                "type": parametrize.type_before_parametrizations(module).__name__,
+                "type": layer_type(module).__name__,
                 "shape": list(weight.shape),
                 "weights": weight.numel(),
                 "zeros": zeros,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -167,3 +168,21 @@ def test_resume_ends_equal_to_the_uninterrupted_run(
 def test_str_refuses_sharded_weights(tmp_path: Path) -> None:
     output = _run(RUN, "fsdp", str(tmp_path), "--method", "str", expect_failure=True)
     assert "STRPruningCallback cannot prune `net.0`: its weight is sharded" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["digits_fsdp", "digits_ddp"])
+def test_shipped_multi_process_configs_train_to_the_target(tmp_path: Path, config: str) -> None:
+    """The README's multi-process recipes, as a user runs them (2 CPU processes), 2 epochs instead of 15."""
+    path = HERE.parent / "examples" / "configs" / f"{config}.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_stthree", "fit", "--config", str(path), "--trainer.max_epochs=2"]
+    command += ["--trainer.enable_progress_bar=false"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    output = result.stdout + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    assert re.search(r"sparsity\s+0\.9000 \(target 0\.9, 4 layers\)", result.stdout), output
+    # The report names the layers' own types under FSDP2's and the parametrizations' generated classes.
+    assert re.search(r"model\.features\.3\s+Conv2d\s+64x32x3x3", result.stdout + result.stderr), output
+    last = tmp_path / "runs" / config / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() == (config == "digits_fsdp")
