@@ -192,6 +192,7 @@ def test_hyperparameters_and_example_input() -> None:
         "label_smoothing": 0.0,
         "warmup_fraction": 0.0,
         "decay_bias_and_norm": True,
+        "shard": False,
     }
     assert module.example_input_array.shape == (1, 3, 32, 32)
     assert module(module.example_input_array).shape == (1, 10)
@@ -404,3 +405,10 @@ def test_weight_decay_only_on_weights_when_asked() -> None:
     assert len(decayed["params"]) + len(free["params"]) == len(list(module.parameters()))
     with pytest.raises(TypeError, match=r"`decay_bias_and_norm` must be True or False, got 'no'"):
         ImageClassifier(decay_bias_and_norm="no")
+
+
+def test_shard_needs_the_model_parallel_strategy() -> None:
+    module = ImageClassifier("small_cnn", shard=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, max_steps=1)
+    with pytest.raises(MisconfigurationException, match=r"shard=True.*ModelParallelStrategy\(data_parallel_size="):
+        trainer.fit(module, DataLoader(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))))
