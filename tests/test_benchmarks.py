@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -66,3 +68,22 @@ def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> No
     assert rows["transformer"]["prunable_layers"] == 16
     assert json.loads(out.read_text())["rows"][0]["model"] == "transformer"
     assert out.with_suffix(".md").read_text().startswith("| model | sparsity | batch |")
+
+
+@pytest.mark.slow
+def test_sharded_threshold_benchmark_counts_the_bytes_and_checks_the_result(tmp_path: Path) -> None:
+    out = tmp_path / "sharded.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, str(ROOT / "benchmarks" / "sharded_threshold.py"), "--sizes", "0.27M", "--repeats", "2"]
+    command += ["--out", str(out), "--port", str(port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    # Two histograms of 65536 float64 counts, whatever the number of weights; the result is the single-process one.
+    assert row["bytes_per_update"] == 2 * 65536 * 8
+    assert row["bytes_constant"]
+    assert row["bitwise_equal"]
+    assert row["weights"] == 268_336
+    assert out.with_suffix(".md").read_text().startswith("| weights | tensors | bytes all-reduced per update |")
