@@ -428,9 +428,19 @@ def remove_st3_parametrization(module: nn.Module) -> None:
     Works for both of this package's parametrizations (ST-3 and STR). The Parameter object is kept (its data
     replaced), so optimizers holding it stay valid. The state-dict hooks of :func:`register_sparse_parametrization`
     are removed too, so the module pickles and loads without this package.
+
+    Raises:
+        ValueError: If the raw weight is sharded by FSDP2 (a DTensor).
     """
     if find_sparse_parametrization(module) is None:
         return
+    if is_dtensor(raw_weight(module)):
+        raise ValueError(
+            "the layer's weight is sharded (FSDP2): removing its parametrization would leave FSDP2 gathering a "
+            "parameter the layer no longer uses. HINT: gather a full state dict (e.g. a checkpoint with "
+            "`ModelParallelStrategy(save_distributed_checkpoint=False)`) and load it into an unsharded model with "
+            "`load_sparse_weights`, or call `make_permanent` on such a model"
+        )
     # `copy.deepcopy` of a parametrized module shares torch's generated `Parametrized<Layer>` class with the
     # original, and removing a parametrization deletes its property from that class, which would break the other
     # copy (`make_permanent(copy.deepcopy(model))` would leave `model` without `weight`): give this module its own.

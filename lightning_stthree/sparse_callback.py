@@ -191,6 +191,8 @@ class SparseTrainingCallback(Callback):
             if getattr(vars(pl_module).get(hook), "_st3_wrapper", False):
                 delattr(pl_module, hook)
         for module in self._plain_before_stage:
+            if find_sparse_parametrization(module) is not None and is_dtensor(raw_weight(module)):
+                continue  # FSDP2 manages the raw weight where it is now: the layer stays parametrized
             remove_st3_parametrization(module)
         self._plain_before_stage = []
 
@@ -485,8 +487,19 @@ class SparseTrainingCallback(Callback):
 
     def _check_shardable(self, name: str, module: nn.Module) -> None:
         """A method whose parametrization has parameters of its own cannot prune sharded (FSDP2) weights: FSDP2
-        would not manage those parameters, so their gradients would differ across ranks."""
-        if self.supports_sharding or not is_dtensor(self._raw_of(module)):
+        would not manage those parameters, so their gradients would differ across ranks. Nor can sharded layers be
+        made permanent at the end of ``fit`` (said now rather than after training)."""
+        if not is_dtensor(self._raw_of(module)):
+            return
+        if self.make_permanent_at_end:
+            raise MisconfigurationException(
+                f"{self._name}(make_permanent_at_end=True) cannot make `{name}` permanent: its weight is sharded "
+                "(FSDP2 / ModelParallelStrategy), and FSDP2 keeps gathering the raw weight where the parametrization "
+                "put it. HINT: drop `make_permanent_at_end`; save a full checkpoint "
+                "(`ModelParallelStrategy(save_distributed_checkpoint=False)`) and load its sparse weights into an "
+                "unsharded model with `load_sparse_weights`."
+            )
+        if self.supports_sharding:
             return
         raise MisconfigurationException(
             f"{self._name} cannot prune `{name}`: its weight is sharded (FSDP2 / ModelParallelStrategy), and "

@@ -7,7 +7,8 @@ gradients are averaged across ranks, so the runs differ only by float rounding. 
 step, its measured sparsity and MACs, and the model's full raw and effective weights (gathered from the shards).
 
 Usage: ``python sharded_run.py {single,ddp,fsdp} OUT_DIR [--budget flops] [--resume CKPT] [--checkpoints]
-[--method str]``.
+[--method str] [--full-checkpoint]
+[--make-permanent]``.
 """
 
 from __future__ import annotations
@@ -98,18 +99,24 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--checkpoints", action="store_true")
     parser.add_argument("--method", choices=["st3", "str"], default="st3")
+    parser.add_argument("--make-permanent", action="store_true")
+    parser.add_argument("--full-checkpoint", action="store_true", help="FSDP2 saves one full checkpoint file")
     args = parser.parse_args()
 
     devices = 1 if args.strategy == "single" else 2
     strategy: Any = {
         "single": "auto",
         "ddp": "ddp",
-        "fsdp": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        "fsdp": ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=not args.full_checkpoint
+        ),
     }[args.strategy]
     if args.method == "str":
         callbacks: list[pl.Callback] = [STRPruningCallback(s_init=-3.0)]
     else:
-        callback = ST3PruningCallback(**SCHEDULE, budget=args.budget, report=True)
+        callback = ST3PruningCallback(
+            **SCHEDULE, budget=args.budget, report=True, make_permanent_at_end=args.make_permanent
+        )
         callbacks = [callback]
     if args.checkpoints:
         callbacks.append(ModelCheckpoint(dirpath=args.out_dir / "checkpoints", filename="{step}", save_top_k=-1))

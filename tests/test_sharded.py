@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_stthree import load_sparse_weights
 from lightning_stthree.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
 
 HERE = Path(__file__).parent
@@ -186,3 +187,32 @@ def test_shipped_multi_process_configs_train_to_the_target(tmp_path: Path, confi
     assert re.search(r"model\.features\.3\s+Conv2d\s+64x32x3x3", result.stdout + result.stderr), output
     last = tmp_path / "runs" / config / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_dir() == (config == "digits_fsdp")
+
+
+@pytest.mark.slow
+def test_full_fsdp_checkpoint_gives_the_sparse_weights_to_a_plain_network(tmp_path: Path) -> None:
+    """``save_distributed_checkpoint=False``: one checkpoint file whose effective weights load into an unsharded,
+    unparametrized network (what the README tells users to do instead of ``make_permanent_at_end`` under FSDP2)."""
+    run, _ = _train(tmp_path, "fsdp", "--checkpoints", "--full-checkpoint")
+    checkpoint = tmp_path / "checkpoints" / "step=16.ckpt"
+    assert checkpoint.is_file()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(512, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 37),
+        torch.nn.ReLU(),
+        torch.nn.Linear(37, 10),
+    )
+    load_sparse_weights(net, checkpoint, prefix="net.")
+    for name, value in run["effective"].items():
+        assert torch.equal(net.get_submodule(name.removeprefix("net.")).weight, value), name
+    assert sum(int((net[i].weight == 0).sum()) for i in (0, 3, 5, 7)) == round(0.8 * 35722)
+
+
+@pytest.mark.slow
+def test_make_permanent_at_end_is_refused_before_training_under_fsdp(tmp_path: Path) -> None:
+    output = _run(RUN, "fsdp", str(tmp_path), "--make-permanent", expect_failure=True)
+    assert "make_permanent_at_end=True) cannot make `net.0` permanent: its weight is sharded" in output
