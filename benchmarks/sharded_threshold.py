@@ -40,7 +40,9 @@ def _full_weights(size: str) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator) * 0.05 for shape in shapes(size)]
 
 
-def _count_bytes() -> list[int]:
+def count_all_reduce_bytes() -> list[int]:
+    """Wrap ``torch.distributed.all_reduce`` (for the rest of the process) to add up the bytes it is handed; the
+    returned one-item list holds the running total."""
     sent = [0]
     original = dist.all_reduce
 
@@ -60,7 +62,7 @@ def _run(rank: int, world: int, port: int, sizes: list[str], repeats: int, out: 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    sent = _count_bytes()
+    sent = count_all_reduce_bytes()
     rows = []
     for size in sizes:
         full = _full_weights(size)

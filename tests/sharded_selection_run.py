@@ -23,6 +23,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from lightning_stthree.distributed import count_per_tensor
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from sharded_threshold import count_all_reduce_bytes  # the benchmark's own byte count
+
 from lightning_stthree.threshold import (
     global_threshold,
     nonfinite_counts,
@@ -53,19 +57,6 @@ def _weights(kind: str, dtype: torch.dtype) -> list[torch.Tensor]:
     return out
 
 
-def _count_bytes() -> list[int]:
-    """Wrap ``dist.all_reduce`` to add up the bytes it is given."""
-    sent = [0]
-    original = dist.all_reduce
-
-    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        sent[0] += tensor.numel() * tensor.element_size()
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting  # type: ignore[assignment]
-    return sent
-
-
 def _run(rank: int, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # 4 processes share the cores
@@ -74,7 +65,7 @@ def _run(rank: int, out_dir: str, port: int) -> None:
         "fsdp": (init_device_mesh("cpu", (WORLD,)), (Shard(0),)),
         "hsdp": (init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")), (Replicate(), Shard(0))),
     }
-    sent = _count_bytes()
+    sent = count_all_reduce_bytes()
     results: dict[str, Any] = {}
     for mesh_name, (mesh, placements) in meshes.items():
         for kind in ("random", "tied", "equal", "zeros", "denormal"):
