@@ -120,9 +120,9 @@ def count_per_tensor(weights: Sequence[Tensor], count: Callable[[int, Tensor], T
     Returns:
         One exact count per weight, the same on every rank.
     """
-    parts = local_parts(weights)
     if not weights:
         return []
+    parts = local_parts(weights)
     device = parts.tensors[0].device
     counts = torch.stack(
         [

@@ -251,8 +251,8 @@ class SparseTrainingCallback(Callback):
         # layer's raw weight is not where the dense `weight` was, so a dense run's optimizer state cannot be resumed.
         # A distributed checkpoint (ModelParallelStrategy) loads the weights into the sharded model itself and has no
         # "state_dict" here; loading a dense one into the parametrized model fails there on the missing raw keys.
-        keys = checkpoint.get("state_dict", {"parametrizations.weight.original": None})
-        if trainer.state.fn == "fit" and not any(RAW_KEY_PATTERN.match(key) for key in keys):
+        state = checkpoint.get("state_dict")
+        if trainer.state.fn == "fit" and state is not None and not any(RAW_KEY_PATTERN.match(key) for key in state):
             raise MisconfigurationException(
                 f"`ckpt_path` points to a checkpoint of a run without {self.method_name}; its optimizer state "
                 f"cannot be resumed with {self._name} (the parametrizations change the order of the parameters). "

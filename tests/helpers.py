@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
+import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +147,27 @@ def make_tiny_idx_dataset(
     for role, name in IDX_FILES.items():
         write_idx(directory / (f"{name}.gz" if gz else name), arrays[role])
     return arrays
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: Path, *args: str, expect_failure: bool = False, timeout: int = 600) -> str:
+    """Run ``python script *args`` in the tests' directory with one thread per process (several processes share the
+    cores); assert that it succeeds (or fails, with ``expect_failure``) and return the end of its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parent,
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert (result.returncode != 0) == expect_failure, output
+    return output

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import make_tiny_idx_dataset
+from helpers import free_port, make_tiny_idx_dataset, run_script
 
 from lightning_stthree.data import DEBIAN_FASHION_MNIST_DIR
 
@@ -73,13 +71,8 @@ def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_sharded_threshold_benchmark_counts_the_bytes_and_checks_the_result(tmp_path: Path) -> None:
     out = tmp_path / "sharded.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, str(ROOT / "benchmarks" / "sharded_threshold.py"), "--sizes", "0.27M", "--repeats", "2"]
-    command += ["--out", str(out), "--port", str(port)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    script = ROOT / "benchmarks" / "sharded_threshold.py"
+    run_script(script, "--sizes", "0.27M", "--repeats", "2", "--out", str(out), "--port", str(free_port()), timeout=300)
     (row,) = json.loads(out.read_text())["rows"]
     # Two histograms of 65536 float64 counts, whatever the number of weights; the result is the single-process one.
     assert row["bytes_per_update"] == 2 * 65536 * 8

@@ -1,20 +1,14 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
 def _run(strategy: str, out_dir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent)}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, str(out_dir)], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(SCRIPT, strategy, str(out_dir), timeout=300)
 
 
 @pytest.mark.slow

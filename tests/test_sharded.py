@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import free_port, run_script
 
 from lightning_stthree import load_sparse_weights
 from lightning_stthree.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
@@ -22,25 +22,9 @@ SELECTION_RUN = HERE / "sharded_selection_run.py"
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(script: Path, *args: str, expect_failure: bool = False) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    result = subprocess.run(
-        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600, cwd=HERE
-    )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert (result.returncode != 0) == expect_failure, output
-    return output
-
-
 def _train(out_dir: Path, strategy: str, *args: str) -> list[dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _run(RUN, strategy, str(out_dir), *args)
+    run_script(RUN, strategy, str(out_dir), *args)
     ranks = 1 if strategy == "single" else 2
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
 
@@ -84,7 +68,7 @@ def test_sharded_threshold_is_bitwise_the_single_process_one(tmp_path: Path) -> 
     empty shards, one layer left unsharded; random, tied, all-equal, zero-heavy and denormal weights in float32,
     float16 and bfloat16: the threshold every rank gets from its shards equals the single-process one and
     ``torch.kthvalue`` bitwise, and each update all-reduces exactly 1 MiB (two histograms of 65536 float64)."""
-    _run(SELECTION_RUN, str(tmp_path), str(_free_port()))
+    run_script(SELECTION_RUN, str(tmp_path), str(free_port()))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     cases = {key: value for key, value in ranks[0].items() if isinstance(value, tuple)}
     assert len(cases) == 2 * (2 * 3 + 3) * (2 * 3 + 1)
@@ -167,7 +151,7 @@ def test_resume_ends_equal_to_the_uninterrupted_run(
 
 @pytest.mark.slow
 def test_str_refuses_sharded_weights(tmp_path: Path) -> None:
-    output = _run(RUN, "fsdp", str(tmp_path), "--method", "str", expect_failure=True)
+    output = run_script(RUN, "fsdp", str(tmp_path), "--method", "str", expect_failure=True)
     assert "STRPruningCallback cannot prune `net.0`: its weight is sharded" in output
 
 
@@ -214,5 +198,5 @@ def test_full_fsdp_checkpoint_gives_the_sparse_weights_to_a_plain_network(tmp_pa
 
 @pytest.mark.slow
 def test_make_permanent_at_end_is_refused_before_training_under_fsdp(tmp_path: Path) -> None:
-    output = _run(RUN, "fsdp", str(tmp_path), "--make-permanent", expect_failure=True)
+    output = run_script(RUN, "fsdp", str(tmp_path), "--make-permanent", expect_failure=True)
     assert "make_permanent_at_end=True) cannot make `net.0` permanent: its weight is sharded" in output
