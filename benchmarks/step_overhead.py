@@ -1,12 +1,15 @@
 """Training-step time with ST3PruningCallback vs dense training, in one process, interleaved rounds.
 
-    python benchmarks/step_overhead.py [--rounds 7] [--steps 12] [--models resnet20 resnet18] [--out FILE.json]
+    python benchmarks/step_overhead.py [--rounds 7] [--steps 12] [--models resnet20 resnet18]
+                                       [--variants eager compiled] [--out FILE.json]
 
-Each round fits the dense model and the ST-3 model (threshold recomputed every step, at its target sparsity) for
+Each round fits the dense model and the ST-3 models (threshold recomputed every step, at its target sparsity; one
+model per variant: ``eager`` is the default callback, ``compiled`` the callback with ``compile_kernels=True``) for
 ``--steps`` optimizer steps each, on the same synthetic batches, and times every step from the start of
 ``on_train_batch_start`` (so the callback's threshold update counts) to the end of ``on_train_batch_end``. The
-ratio of the two medians is taken per round; the table reports the median of those ratios (robust to a noisy machine).
-ResNet-50 (batch 64, 224x224) is added when a GPU is present.
+ratio of each variant's median to the dense median is taken per round; the table reports the median of those ratios
+(robust to a noisy machine) and their interquartile range. A warm-up fit of each model comes first (it compiles the
+kernels). ResNet-50 (batch 64, 224x224) is added when a GPU is present.
 """
 
 from __future__ import annotations
@@ -84,58 +87,92 @@ def run_round(module: Classifier, loader: DataLoader, steps: int, pruning: ST3Pr
     return statistics.median(timer.times[2:])  # the first steps warm up allocators and caches
 
 
-def benchmark(name: str, rounds: int, steps: int) -> dict[str, Any]:
+VARIANTS = {"eager": False, "compiled": True}
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartiles (inclusive method), as reported next to the median."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def benchmark(name: str, rounds: int, steps: int, variants: list[str]) -> dict[str, Any]:
     config = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(config["batch"], 3, config["size"], config["size"])
     y = torch.randint(0, 10, (config["batch"],))
     loader = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=config["batch"])
     dense = Classifier(config["build"]())
-    sparse = Classifier(config["build"]())
-    sparse.load_state_dict(dense.state_dict())
-    # Target reached at step 1 and recomputed every step: the steady-state cost of ST-3.
-    pruning = ST3PruningCallback(0.9, start=0, end=1, update_every=1, report=False, log_layer_sparsity=False)
-    ratios, dense_times, sparse_times = [], [], []
+    runs: dict[str, tuple[Classifier, ST3PruningCallback | None]] = {"dense": (dense, None)}
+    for variant in variants:
+        sparse = Classifier(config["build"]())
+        sparse.load_state_dict(dense.state_dict())
+        # Target reached at step 1 and recomputed every step: the steady-state cost of ST-3.
+        pruning = ST3PruningCallback(
+            0.9,
+            start=0,
+            end=1,
+            update_every=1,
+            report=False,
+            log_layer_sparsity=False,
+            compile_kernels=VARIANTS[variant],
+        )
+        runs[variant] = (sparse, pruning)
+    for module, pruning in runs.values():
+        run_round(module, loader, min(steps, 4), pruning)  # warm-up: allocators, caches, kernel compilation
+    times: dict[str, list[float]] = {run: [] for run in runs}
     for _ in range(rounds):
-        dense_time = run_round(dense, loader, steps, None)
-        sparse_time = run_round(sparse, loader, steps, pruning)
-        dense_times.append(dense_time)
-        sparse_times.append(sparse_time)
-        ratios.append(sparse_time / dense_time)
-    weights = sum(m.weight.numel() for m in pruning.layers.values())
-    return {
+        for run, (module, pruning) in runs.items():
+            times[run].append(run_round(module, loader, steps, pruning))
+    first_pruning = runs[variants[0]][1]
+    assert first_pruning is not None
+    row: dict[str, Any] = {
         "model": name,
         "batch": config["batch"],
         "input": f"{config['size']}x{config['size']}",
-        "prunable_weights": weights,
-        "dense_step_s": statistics.median(dense_times),
-        "st3_step_s": statistics.median(sparse_times),
-        "overhead_median_ratio": statistics.median(ratios),
-        "ratios": ratios,
+        "prunable_weights": sum(m.weight.numel() for m in first_pruning.layers.values()),
+        "dense_step_s": statistics.median(times["dense"]),
+        "variants": {},
     }
+    for variant in variants:
+        ratios = [s / d for s, d in zip(times[variant], times["dense"], strict=True)]
+        row["variants"][variant] = {
+            "step_s": statistics.median(times[variant]),
+            "overhead_median_ratio": statistics.median(ratios),
+            "overhead_quartile_ratios": quartiles(ratios) if len(ratios) > 1 else (ratios[0], ratios[0]),
+            "ratios": ratios,
+        }
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=None)
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
     args = parser.parse_args()
     models = args.models or (["resnet20", "resnet18"] + (["resnet50"] if torch.cuda.is_available() else []))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    rows = [benchmark(name, args.rounds, args.steps) for name in models]
+    rows = [benchmark(name, args.rounds, args.steps, args.variants) for name in models]
     print(f"\nStep time with ST3PruningCallback vs dense on {device}, torch {torch.__version__}, {args.rounds} rounds")
-    print(f"{'model':<10} {'batch':>5} {'input':>8} {'weights':>10} {'dense s':>9} {'ST-3 s':>9} {'overhead':>9}")
+    print(
+        f"{'model':<10} {'batch':>5} {'input':>8} {'weights':>11} {'dense s':>8} {'variant':>9} {'ST-3 s':>8} "
+        f"{'overhead':>9} {'IQR':>17}"
+    )
     for r in rows:
-        print(
-            f"{r['model']:<10} {r['batch']:>5} {r['input']:>8} {r['prunable_weights']:>10,} {r['dense_step_s']:>9.4f} "
-            f"{r['st3_step_s']:>9.4f} {100 * (r['overhead_median_ratio'] - 1):>8.1f}%"
-        )
+        for variant, v in r["variants"].items():
+            low, high = (100 * (q - 1) for q in v["overhead_quartile_ratios"])
+            print(
+                f"{r['model']:<10} {r['batch']:>5} {r['input']:>8} {r['prunable_weights']:>11,} "
+                f"{r['dense_step_s']:>8.4f} {variant:>9} {v['step_s']:>8.4f} "
+                f"{100 * (v['overhead_median_ratio'] - 1):>8.1f}% {f'{low:.1f}% to {high:.1f}%':>17}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"device": device, "torch": torch.__version__, "platform": platform.platform(), "rounds": args.rounds}
-    out.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
+    out.write_text(json.dumps({"machine": info, "steps": args.steps, "results": rows}, indent=2))
     print(f"written {out}")
 
 

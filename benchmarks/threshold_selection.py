@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_stthree.callback import MIN_PIVOT_WINDOW
-from lightning_stthree.selection import PIVOT_WINDOW
+from lightning_stthree.selection import pivot_window
 from lightning_stthree.threshold import global_threshold, num_pruned
 
 GPT2_SMALL = [(50257, 768), (1024, 768)] + [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
@@ -123,7 +122,7 @@ def main() -> None:
         # callback's: twice the threshold's last relative move, within [MIN_PIVOT_WINDOW, PIVOT_WINDOW].
         previous = global_threshold([w * 1.001 for w in weights[:1]] + weights[1:], args.sparsity).item()
         now = global_threshold(weights, args.sparsity).item()
-        window = min(max(2 * abs(now - previous) / previous, MIN_PIVOT_WINDOW), PIVOT_WINDOW)
+        window = pivot_window(abs(now - previous) / previous)
         methods["package (pivot)"] = lambda weights=weights, p=previous, w=window: global_threshold(
             weights, args.sparsity, pivot=p, window=w
         )

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree.distributed import is_dtensor, on_local_rows
+from lightning_stthree.kernels import compiled
 from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
@@ -100,17 +101,20 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
         # In half precision `|w| - t` with `t` rounded to the weight's dtype can give 0 (or flip the sign) for a kept
         # weight just above the threshold: compute in float32 and round once.
         return effective_weight(weight.float(), threshold, soft_threshold, rescale).to(weight.dtype)
-    keep = above_threshold(weight, threshold)
+    # On rows (one per output channel): the channel statistics reduce along dim 1, and `torch.compile` fuses the
+    # whole function into one kernel per weight (see `compile_kernels`).
+    rows = weight.reshape(weight.shape[0], -1)
+    keep = above_threshold(rows, threshold)
     threshold = threshold.to(weight.dtype)
     if soft_threshold:
         # Equals sign(w) * max(|w| - t, 0) bitwise; the `where` also gives pruned entries (|w| == t included) an
         # exactly zero gradient when autograd differentiates this function (``straight_through=False``).
-        out = torch.where(keep, weight - torch.copysign(threshold, weight), 0.0)
+        out = torch.where(keep, rows - torch.copysign(threshold, rows), 0.0)
     else:
-        out = torch.where(keep, weight, 0.0)
+        out = torch.where(keep, rows, 0.0)
     if rescale:
-        out = out * channel_rescale(weight, keep)
-    return out
+        out = out * channel_rescale(rows, keep)
+    return out.reshape(weight.shape)
 
 
 def _rescale_from_sums(full_sum: Tensor, kept_sum: Tensor, count: int, ndim: int, dtype: torch.dtype) -> Tensor:
@@ -155,10 +159,19 @@ def _effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: b
 
 
 class _StraightThroughEffectiveWeight(torch.autograd.Function):
-    """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator)."""
+    """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator).
+
+    With ``fused``, the forward pass is :func:`effective_weight` compiled into one kernel
+    (:func:`~lightning_stthree.kernels.compiled`), except while the caller's own ``torch.compile`` traces it (its
+    graph then holds the eager operations, which it fuses itself).
+    """
 
     @staticmethod
-    def forward(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
+    def forward(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, fused: bool) -> Tensor:
+        if fused and not torch.compiler.is_compiling():
+            # Detached: torch.compile gives a Parameter static shapes (one kernel per layer shape); a plain tensor
+            # gets dynamic ones (one kernel for all layers).
+            return compiled(effective_weight)(weight.detach(), threshold, soft_threshold, rescale)
         return _effective_weight_value(weight, threshold, soft_threshold, rescale)
 
     @staticmethod
@@ -166,8 +179,8 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
-        return grad_output, None, None, None
+    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:
+        return grad_output, None, None, None, None
 
 
 class SparseParametrization(nn.Module):
@@ -207,6 +220,9 @@ class SoftThresholdParametrization(SparseParametrization):
         straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
             grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
         rescale: Per-output-channel rescale of :func:`channel_rescale`.
+        compile_kernels: With ``straight_through``, build the effective weight with one fused kernel
+            (:mod:`~lightning_stthree.kernels`; needs ``torch.compile`` to work here) instead of a chain of eager
+            operations. Same values up to float rounding.
 
     Example::
 
@@ -219,11 +235,18 @@ class SoftThresholdParametrization(SparseParametrization):
     threshold: Tensor
     mask: Tensor | None
 
-    def __init__(self, soft_threshold: bool = True, straight_through: bool = True, rescale: bool = True) -> None:
+    def __init__(
+        self,
+        soft_threshold: bool = True,
+        straight_through: bool = True,
+        rescale: bool = True,
+        compile_kernels: bool = False,
+    ) -> None:
         super().__init__()
         self.soft_threshold = soft_threshold
         self.straight_through = straight_through
         self.rescale = rescale
+        self.compile_kernels = compile_kernels
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("mask", None, persistent=False)
 
@@ -276,12 +299,15 @@ class SoftThresholdParametrization(SparseParametrization):
         if self.mask is not None:
             return torch.where(self._mask_like(weight), weight, 0.0)
         if self.straight_through:
-            return _StraightThroughEffectiveWeight.apply(weight, self.threshold, self.soft_threshold, self.rescale)
+            return _StraightThroughEffectiveWeight.apply(
+                weight, self.threshold, self.soft_threshold, self.rescale, self.compile_kernels
+            )
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
 
     def extra_repr(self) -> str:
         flags = (
             f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
+            + (", compile_kernels=True" if self.compile_kernels else "")
         )
         return flags + (", frozen=True" if self.frozen else "")
 
@@ -397,7 +423,11 @@ def register_sparse_parametrization(module: nn.Module, parametrization: Parametr
 
 
 def register_st3_parametrization(
-    module: nn.Module, soft_threshold: bool = True, straight_through: bool = True, rescale: bool = True
+    module: nn.Module,
+    soft_threshold: bool = True,
+    straight_through: bool = True,
+    rescale: bool = True,
+    compile_kernels: bool = False,
 ) -> SoftThresholdParametrization:
     """Put the ST-3 parametrization on ``module.weight`` (or update the flags of the one already there).
 
@@ -408,6 +438,7 @@ def register_st3_parametrization(
         soft_threshold: See :class:`SoftThresholdParametrization`.
         straight_through: See :class:`SoftThresholdParametrization`.
         rescale: See :class:`SoftThresholdParametrization`.
+        compile_kernels: See :class:`SoftThresholdParametrization`.
 
     Returns:
         The parametrization, whose ``threshold`` buffer the caller sets.
@@ -419,6 +450,7 @@ def register_st3_parametrization(
     existing.soft_threshold = soft_threshold
     existing.straight_through = straight_through
     existing.rescale = rescale
+    existing.compile_kernels = compile_kernels
     return existing
 
 

@@ -7,7 +7,9 @@ always one of the scores, and for unit shares it is bitwise the k-th smallest sc
 
 1. *Near the previous threshold* (``pivot``): the threshold moves little between optimizer steps. One pass counts
    the share below ``pivot * (1 - window)`` and gathers the few scores inside ``(pivot * (1 - window),
-   pivot * (1 + window)]``; if the answer lies inside, sorting those few candidates finishes the job.
+   pivot * (1 + window)]``; if the answer lies inside, sorting those few candidates finishes the job. With
+   ``compile_kernels`` that pass is one fused kernel per tensor, which counts instead of gathering and says where
+   the few candidates are (:func:`_near_pivot_fused`).
 2. *Otherwise* (first update, or the threshold jumped): a two-pass radix selection over the float32 bit patterns of
    the scores (non-negative floats order like their int32 views): a histogram of the high 16 bits finds the bucket
    holding the answer, a histogram of the low 16 bits within that bucket finds the answer.
@@ -30,12 +32,22 @@ import torch
 from torch import Tensor
 
 from lightning_stthree.distributed import Reduce, local_parts
+from lightning_stthree.kernels import compiled, window_column_counts
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
 # Default half-width of the window around the previous threshold, relative to it (callers that know how much the
-# threshold moved lately pass a tighter one: fewer candidates to sort).
+# threshold moved lately pass a tighter one, see `pivot_window`: fewer candidates to sort).
 PIVOT_WINDOW = 0.02
+# Narrowest window `pivot_window` gives.
+MIN_PIVOT_WINDOW = 1e-3
+
+
+def pivot_window(last_relative_move: float) -> float:
+    """The window to search around the last threshold: twice its last relative move, within ``[MIN_PIVOT_WINDOW,
+    PIVOT_WINDOW]`` (wide enough to hold the next threshold most of the time, narrow enough for few candidates)."""
+    return min(max(2.0 * last_relative_move, MIN_PIVOT_WINDOW), PIVOT_WINDOW)
+
 
 _RADIX_BITS = 16
 _RADIX_BUCKETS = 1 << _RADIX_BITS
@@ -69,6 +81,50 @@ def _first_reaching(cumulative: Tensor, goal: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype, device=cumulative.device)))
 
 
+# Rows of the view the fused counting pass reads each weight as (see `_near_pivot_fused`): every column with an
+# in-window score costs this many scores to read back.
+FUSED_ROWS = 16
+
+
+def _near_pivot_eager(
+    weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor
+) -> tuple[list[int], list[Tensor]]:
+    """Per tensor, the number of scores ``<= low`` and the scores in ``(low, high]`` (one pass, chunk by chunk)."""
+    buffer = _score_buffer(weights)
+    below: list[Tensor] = []
+    candidates: list[Tensor] = []
+    for weight, factor in zip(weights, factors, strict=True):
+        count = torch.zeros((), dtype=torch.int64, device=low.device)
+        inside = []
+        for scores in score_chunks(weight, factor, buffer):
+            count += torch.count_nonzero(scores <= low)
+            inside.append(scores[(scores > low) & (scores <= high)])
+        below.append(count)
+        candidates.append(torch.cat(inside) if inside else low.new_empty(0))
+    return torch.stack(below).tolist(), candidates
+
+
+def _near_pivot_fused(
+    weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor
+) -> tuple[list[int], list[Tensor]]:
+    """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
+
+    The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and, per
+    column, those in the window. Only the columns holding in-window scores are read again (a few percent of the
+    weight for the windows the callback uses), and their scores recomputed exactly as the kernel computed them.
+    """
+    below: list[Tensor] = []
+    candidates: list[Tensor] = []
+    for weight, factor in zip(weights, factors, strict=True):
+        columns = weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1)
+        factor_tensor = torch.tensor(factor, dtype=torch.float32, device=low.device)
+        count, per_column = compiled(window_column_counts)(columns, factor_tensor, low, high)
+        scores = columns[:, torch.nonzero(per_column).flatten()].abs().float() * factor_tensor
+        below.append(count)
+        candidates.append(scores[(scores > low) & (scores <= high)])
+    return torch.stack(below).tolist(), candidates
+
+
 def _select_near_pivot(
     weights: Sequence[Tensor],
     factors: Sequence[float],
@@ -76,27 +132,24 @@ def _select_near_pivot(
     goal: float,
     pivot: float,
     window: float,
+    compile_kernels: bool,
 ) -> Tensor | None:
     """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a sort of the candidates)."""
-    low, high = pivot * (1.0 - window), pivot * (1.0 + window)
     device = weights[0].device
-    below = torch.zeros((), dtype=torch.float64, device=device)
-    candidates: list[Tensor] = []
-    candidate_shares: list[Tensor] = []
-    buffer = _score_buffer(weights)
-    for weight, factor, share in zip(weights, factors, shares, strict=True):
-        for scores in score_chunks(weight, factor, buffer):
-            below += torch.count_nonzero(scores <= low).double() * share
-            inside = scores[(scores > low) & (scores <= high)]
-            candidates.append(inside)
-            candidate_shares.append(torch.full(inside.shape, share, dtype=torch.float64, device=device))
-    below_goal = float(below)
+    low = torch.tensor(pivot * (1.0 - window), dtype=torch.float32, device=device)
+    high = torch.tensor(pivot * (1.0 + window), dtype=torch.float32, device=device)
+    find = _near_pivot_fused if compile_kernels else _near_pivot_eager
+    below, candidates = find(weights, factors, low, high)
+    below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
     if below_goal >= goal:
         return None  # the answer is at or below the window
-    values = torch.cat(candidates)
+    values, order = torch.sort(torch.cat(candidates), stable=True)
     if values.numel() == 0:
         return None
-    values, order = torch.sort(values, stable=True)
+    candidate_shares = [
+        torch.full(c.shape, share, dtype=torch.float64, device=device)
+        for c, share in zip(candidates, shares, strict=True)
+    ]
     cumulative = below_goal + torch.cat(candidate_shares)[order].cumsum(0)
     index = _first_reaching(cumulative, goal)
     if index >= values.numel():
@@ -148,6 +201,7 @@ def select_threshold(
     goal: float,
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
+    compile_kernels: bool = False,
 ) -> Tensor:
     r"""Smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \cdot \#\{|w| f_i \le t,\ w \in \mathrm{weights}_i\}
     \ge \mathrm{goal}`.
@@ -160,6 +214,8 @@ def select_threshold(
         goal: Must be ``> 0``; a goal above the total gives the largest score.
         pivot: The previous threshold, if any: tried first as described in the module docstring.
         window: Half-width of the window around ``pivot``, relative to it, in ``(0, 1)``.
+        compile_kernels: Count the scores around ``pivot`` with one fused kernel per tensor
+            (:mod:`~lightning_stthree.kernels`); the counts, and so the result, are the same.
 
     Returns:
         A 0-dim float32 tensor on the weights' device, equal to one of the scores.
@@ -168,7 +224,7 @@ def select_threshold(
     if parts.reduce is not None:
         return _radix_select(parts.tensors, factors, shares, goal, parts.reduce)
     if pivot is not None and math.isfinite(pivot) and pivot > 0:
-        near = _select_near_pivot(weights, factors, shares, goal, pivot, window)
+        near = _select_near_pivot(weights, factors, shares, goal, pivot, window, compile_kernels)
         if near is not None:
             return near
     return _radix_select(weights, factors, shares, goal)

@@ -59,6 +59,7 @@ def global_threshold(
     criterion: Criterion = "l1",
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
+    compile_kernels: bool = False,
 ) -> Tensor:
     """The global threshold ``t`` that prunes a fraction ``sparsity`` of all scores of ``weights``.
 
@@ -75,6 +76,7 @@ def global_threshold(
         criterion: ``"l1"`` (ST-3) or ``"l1_std"`` (ST-3 sigma).
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
+        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
 
     Returns:
         A 0-dim float32 tensor on the weights' device, in score units (divide by ``layer_score_factor`` per layer).
@@ -95,7 +97,7 @@ def global_threshold(
     if k == 0:
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
-    return select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window)
+    return select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window, compile_kernels)
 
 
 @torch.no_grad()
@@ -106,6 +108,7 @@ def weighted_global_threshold(
     criterion: Criterion = "l1",
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
+    compile_kernels: bool = False,
 ) -> Tensor:
     r"""Smallest score ``t`` such that pruning every weight with score ``<= t`` removes ``fraction`` of the total share.
 
@@ -123,6 +126,7 @@ def weighted_global_threshold(
         criterion: ``"l1"`` or ``"l1_std"``, as for :func:`global_threshold`.
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
+        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
 
     Returns:
         A 0-dim float32 tensor in score units; ``0`` when the goal is 0 (nothing pruned).
@@ -140,7 +144,7 @@ def weighted_global_threshold(
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
-    return select_threshold(weights, factors, shares, goal, pivot, window)
+    return select_threshold(weights, factors, shares, goal, pivot, window, compile_kernels)
 
 
 @torch.no_grad()

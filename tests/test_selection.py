@@ -34,8 +34,9 @@ def _cases(dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["random", "tied", "all_equal", "zero_heavy", "denormal"])
 @pytest.mark.parametrize("criterion", ["l1", "l1_std"])
+@pytest.mark.parametrize("compile_kernels", [False, True])
 def test_selection_equals_kthvalue(
-    dtype: torch.dtype, case: str, criterion: str, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, case: str, criterion: str, compile_kernels: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(selection, "CHUNK_SIZE", 4099)  # several chunks per tensor, chunk ends inside tensors
     weights = _cases(dtype)[case]
@@ -45,7 +46,7 @@ def test_selection_equals_kthvalue(
         expected = _reference(weights, factors, k)
         for pivot in (None, expected.item(), expected.item() * 1.01, expected.item() * 0.5, 1e-30):
             for window in (0.02, 1e-3):  # 1e-3 misses the answer from 1.01 * expected: the radix fallback answers
-                got = select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window)
+                got = select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window, compile_kernels)
                 assert got.dtype == torch.float32
                 assert got.view(torch.int32) == expected.view(torch.int32), (case, k, pivot, window)  # bitwise
 

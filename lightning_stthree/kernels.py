@@ -1,0 +1,70 @@
+"""Fused kernels for ST-3's two passes over every prunable weight per step (opt-in: ``compile_kernels=True``).
+
+An ST-3 step reads each raw weight twice: once to count the scores around the last threshold (the global selection,
+:mod:`~lightning_stthree.selection`) and once to build the effective weight (the forward pass,
+:mod:`~lightning_stthree.parametrization`). In eager PyTorch each of those is a chain of elementwise operations, each
+a full pass over the weight with its own temporary (about ten for the effective weight), plus a fixed dispatch cost
+per operation that dominates for small layers. :func:`compiled` turns a plain function of this package into one
+fused kernel per pass with ``torch.compile`` (Inductor: C++/OpenMP on a CPU, Triton on a GPU).
+
+What it costs: a C++ compiler on a CPU (Triton on a GPU), and a compilation the first time each kernel meets a new
+kind of weight (dtype, rank, reduction size class): a few seconds each, cached on disk by Inductor for later runs.
+Shapes are compiled dynamically, so layers of different sizes share a kernel. What it changes in the results:
+nothing in the selection (the counts are exact, the threshold bitwise the same) and float rounding only in the
+effective weight (sums reduce in another order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+FunctionT = TypeVar("FunctionT", bound=Callable[..., Any])
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def compiled(function: FunctionT) -> FunctionT:
+    """``function`` compiled with ``torch.compile(dynamic=True)``, once per process (the compiled function caches its
+    own graphs: one per dtype, rank and reduction size class, whatever the shapes)."""
+    if function not in _COMPILED:
+        _COMPILED[function] = torch.compile(function, dynamic=True)
+    return _COMPILED[function]  # type: ignore[return-value]
+
+
+def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """Count the scores ``|w| * factor`` of a weight viewed as a few rows of many columns: how many are ``<= low`` in
+    all, and how many lie in ``(low, high]`` in each column.
+
+    The scores are computed as the selection computes them (``|w|`` in float32, times the float32 ``factor``), so the
+    counts are exactly the selection's. Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass,
+    and the columns with a non-zero count locate the few in-window scores without another pass over the weight.
+
+    Returns:
+        The int64 total count ``<= low``, and the int32 count in ``(low, high]`` per column.
+    """
+    scores = columns.abs().float() * factor
+    below = (scores <= low).sum(0, dtype=torch.int32)
+    upto = (scores <= high).sum(0, dtype=torch.int32)
+    return below.sum(dtype=torch.int64), upto - below
+
+
+def check_compiles(device: torch.device) -> None:
+    """Compile and run :func:`window_counts` on a tiny tensor of ``device``, so a missing compiler fails at setup.
+
+    Raises:
+        RuntimeError: If ``torch.compile`` cannot build a kernel here, with what to do about it.
+    """
+    one = torch.ones((), device=device)
+    try:
+        compiled(window_column_counts)(torch.ones(2, 4, device=device), one, one, one)
+    except Exception as error:  # Inductor raises many types (missing compiler, missing Triton, ...)
+        tool = "Triton (installed with CUDA builds of torch)" if device.type == "cuda" else "a C++ compiler (g++)"
+        raise RuntimeError(
+            f"`compile_kernels=True` needs torch.compile to build kernels on {device.type}, which failed with "
+            f"{type(error).__name__}: {error}. HINT: install {tool}, or pass `compile_kernels=False` (the default: "
+            "the same results with unfused eager kernels)"
+        ) from error
