@@ -145,14 +145,14 @@ def benchmark(name: str, rounds: int, steps: int, variants: list[str]) -> dict[s
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     models = args.models or (["resnet20", "resnet18"] + (["resnet50"] if torch.cuda.is_available() else []))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     rows = [benchmark(name, args.rounds, args.steps, args.variants) for name in models]
@@ -174,6 +174,7 @@ def main() -> None:
     info = {"device": device, "torch": torch.__version__, "platform": platform.platform(), "rounds": args.rounds}
     out.write_text(json.dumps({"machine": info, "steps": args.steps, "results": rows}, indent=2))
     print(f"written {out}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ The weights are random float32 tensors with the shapes of a real model of each s
 GPT-2 small, and 1B weights as 64 tensors of 16M). `sort` and `kthvalue` run on the concatenated scores, as the
 authors' code and the simple O(N) alternative do; `package (no pivot)` is the first update of a run (radix selection),
 `package (pivot)` a later one (the previous threshold, here the k-th value of slightly different weights, is the
-pivot, searched in the callback's window). Every result is checked bitwise against kthvalue where kthvalue ran.
+pivot, searched in the callback's window), and `package (pivot, compiled)` the same with `compile_kernels=True` (its
+kernel compiled before the measurement). Every result is checked bitwise against kthvalue where kthvalue ran.
 Peak extra memory is the peak resident set size above the resident size before the call (Linux `/proc/self/status`,
 VmHWM reset through `/proc/self/clear_refs`, after `malloc_trim` returned freed heap memory to the OS); time is the
 median of `--repeats` runs.
@@ -126,6 +127,10 @@ def main() -> None:
         methods["package (pivot)"] = lambda weights=weights, p=previous, w=window: global_threshold(
             weights, args.sparsity, pivot=p, window=w
         )
+        methods["package (pivot, compiled)"] = lambda weights=weights, p=previous, w=window: global_threshold(
+            weights, args.sparsity, pivot=p, window=w, compile_kernels=True
+        )
+        methods["package (pivot, compiled)"]()  # compiles the counting kernel (a few seconds, once per process)
         for method, fn in methods.items():
             seconds, peak_gb, result = measure(fn, args.repeats)
             if method == "kthvalue":
@@ -141,7 +146,7 @@ def main() -> None:
                     "equals_kthvalue": exact,
                 }
             )
-            print(f"{size:>6} {n:>13,} {method:<20} {seconds:>9.4f} s {peak_gb:>7.3f} GB  exact={exact}", flush=True)
+            print(f"{size:>6} {n:>13,} {method:<26} {seconds:>9.4f} s {peak_gb:>7.3f} GB  exact={exact}", flush=True)
         del weights
         gc.collect()
     machine = {
