@@ -5,7 +5,7 @@ import torch
 from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback
 
-from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold
+from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, register_st3_parametrization
 
 
 @pytest.mark.gpu
@@ -43,3 +43,19 @@ def test_flops_budget_on_cuda() -> None:
     cb = ST3PruningCallback(0.8, start=0, end=6, budget="flops")
     quiet_trainer(accelerator="gpu", max_steps=8, callbacks=[cb]).fit(model, random_loader(8))
     assert cb.measure_macs()["macs_ratio"] == pytest.approx(0.2, abs=0.005)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_on_cuda_match_cpu() -> None:
+    # compile_kernels=True on a GPU builds Triton kernels: same threshold bitwise, same effective weight to rounding.
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 32, 3, 3, generator=generator), torch.randn(10, 512, generator=generator)]
+    cpu = global_threshold(weights, 0.9)
+    pivot = cpu.item() * 1.0005
+    cuda = global_threshold([w.cuda() for w in weights], 0.9, pivot=pivot, window=0.01, compile_kernels=True)
+    assert cuda.item() == cpu.item()
+    for w in weights:
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(w.cuda())
+        register_st3_parametrization(layer, compile_kernels=True).threshold.copy_(cuda)
+        torch.testing.assert_close(layer.weight.detach().cpu(), effective_weight(w, cpu))
