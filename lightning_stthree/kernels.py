@@ -35,25 +35,30 @@ def compiled(function: FunctionT) -> FunctionT:
     return _COMPILED[function]  # type: ignore[return-value]
 
 
+def scores_of(weight: Tensor, factor: Tensor) -> Tensor:
+    """The selection's pruning scores of ``weight``: ``|w|`` in float32, times the float32 0-dim ``factor``."""
+    return weight.abs().float() * factor
+
+
 def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
     """Count the scores ``|w| * factor`` of a weight viewed as a few rows of many columns: how many are ``<= low`` in
     all, and how many lie in ``(low, high]`` in each column.
 
-    The scores are computed as the selection computes them (``|w|`` in float32, times the float32 ``factor``), so the
-    counts are exactly the selection's. Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass,
-    and the columns with a non-zero count locate the few in-window scores without another pass over the weight.
+    The scores are :func:`scores_of`'s, so the counts are exactly those of the scores the selection reads back.
+    Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass, and the columns with a non-zero count
+    locate the few in-window scores without another pass over the weight.
 
     Returns:
         The int64 total count ``<= low``, and the int32 count in ``(low, high]`` per column.
     """
-    scores = columns.abs().float() * factor
+    scores = scores_of(columns, factor)
     below = (scores <= low).sum(0, dtype=torch.int32)
     upto = (scores <= high).sum(0, dtype=torch.int32)
     return below.sum(dtype=torch.int64), upto - below
 
 
 def check_compiles(device: torch.device) -> None:
-    """Compile and run :func:`window_counts` on a tiny tensor of ``device``, so a missing compiler fails at setup.
+    """Compile and run :func:`window_column_counts` on a tiny tensor of ``device``: a missing compiler fails at setup.
 
     Raises:
         RuntimeError: If ``torch.compile`` cannot build a kernel here, with what to do about it.

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_stthree.distributed import Reduce, local_parts
-from lightning_stthree.kernels import compiled, window_column_counts
+from lightning_stthree.kernels import compiled, scores_of, window_column_counts
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
@@ -111,7 +111,8 @@ def _near_pivot_fused(
 
     The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and, per
     column, those in the window. Only the columns holding in-window scores are read again (a few percent of the
-    weight for the windows the callback uses), and their scores recomputed exactly as the kernel computed them.
+    weight for the windows the callback uses), and their scores recomputed with the kernel's own formula
+    (:func:`~lightning_stthree.kernels.scores_of`).
     """
     below: list[Tensor] = []
     candidates: list[Tensor] = []
@@ -119,7 +120,7 @@ def _near_pivot_fused(
         columns = weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1)
         factor_tensor = torch.tensor(factor, dtype=torch.float32, device=low.device)
         count, per_column = compiled(window_column_counts)(columns, factor_tensor, low, high)
-        scores = columns[:, torch.nonzero(per_column).flatten()].abs().float() * factor_tensor
+        scores = scores_of(columns[:, torch.nonzero(per_column).flatten()], factor_tensor)
         below.append(count)
         candidates.append(scores[(scores > low) & (scores <= high)])
     return torch.stack(below).tolist(), candidates
