@@ -22,6 +22,7 @@ from lightning_stthree.parametrization import (
 )
 from lightning_stthree.report import format_report, sparsity_report
 from lightning_stthree.schedule import cubic_sparsity, resolve_step
+from lightning_stthree.selection import NonFiniteScoresError
 from lightning_stthree.sparse_callback import SparseTrainingCallback
 from lightning_stthree.str_pruning import STRParametrization, register_str_parametrization, str_effective_weight
 from lightning_stthree.threshold import (
@@ -36,6 +37,7 @@ from lightning_stthree.threshold import (
 __all__ = [
     "PRUNABLE_TYPES",
     "LayerChoice",
+    "NonFiniteScoresError",
     "ST3PruningCallback",
     "STRParametrization",
     "STRPruningCallback",

@@ -30,7 +30,7 @@ from lightning_stthree.parametrization import (
     register_st3_parametrization,
 )
 from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
-from lightning_stthree.selection import PIVOT_WINDOW, pivot_window
+from lightning_stthree.selection import PIVOT_WINDOW, NonFiniteScoresError, pivot_window
 from lightning_stthree.sparse_callback import SparseTrainingCallback
 from lightning_stthree.str_pruning import STRParametrization, register_str_parametrization
 from lightning_stthree.threshold import (
@@ -369,19 +369,15 @@ class ST3PruningCallback(SparseTrainingCallback):
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
         sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
-        if not self._weights_finite(step, weights):
-            return
         # The threshold moves little from step to step: search first around the last one, in a window twice as wide
         # as its last relative move (so that the few weights inside are cheap to sort).
         pivot = self.threshold if self.threshold > 0 else None
-        window = pivot_window(self._last_relative_move)
-        if self.budget == "flops":
-            shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
-            threshold = weighted_global_threshold(
-                weights, shares, sparsity, self.criterion, pivot, window, self.compile_kernels
-            )
-        else:
-            threshold = global_threshold(weights, sparsity, self.criterion, pivot, window, self.compile_kernels)
+        try:
+            threshold = self._select(weights, sparsity, pivot, check_finite=True)
+        except NonFiniteScoresError:
+            if not self._weights_finite(step, weights):
+                return
+            threshold = self._select(weights, sparsity, pivot, check_finite=False)  # finite, but a sum overflowed
         if pivot is not None:
             self._last_relative_move = abs(float(threshold) - pivot) / pivot
         for module, weight in zip(self._layers.values(), weights, strict=True):
@@ -391,6 +387,19 @@ class ST3PruningCallback(SparseTrainingCallback):
         self.threshold = float(threshold)
         self.last_update_step = step
         self._versions = self._raw_versions()
+
+    def _select(
+        self, weights: list[torch.Tensor], sparsity: float, pivot: float | None, check_finite: bool
+    ) -> torch.Tensor:
+        """The global threshold at ``sparsity`` for the budget, searched near ``pivot`` first; with
+        ``check_finite``, the selection's pass over the weights also checks that they are finite."""
+        window = pivot_window(self._last_relative_move)
+        if self.budget == "flops":
+            shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
+            return weighted_global_threshold(
+                weights, shares, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite
+            )
+        return global_threshold(weights, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite)
 
     def _update_if_weights_replaced(self, step: int) -> None:
         """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an

@@ -40,21 +40,23 @@ def scores_of(weight: Tensor, factor: Tensor) -> Tensor:
     return weight.abs().float() * factor
 
 
-def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Count the scores ``|w| * factor`` of a weight viewed as a few rows of many columns: how many are ``<= low`` in
-    all, and how many lie in ``(low, high]`` in each column.
+    all, and how many lie in ``(low, high]`` in each column; and sum them all.
 
     The scores are :func:`scores_of`'s, so the counts are exactly those of the scores the selection reads back.
     Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass, and the columns with a non-zero count
-    locate the few in-window scores without another pass over the weight.
+    locate the few in-window scores without another pass over the weight. The sum comes almost free with the
+    counts and says whether every score is finite (NaN and Inf make it so; huge finite scores can too, by overflow).
 
     Returns:
-        The int64 total count ``<= low``, and the int32 count in ``(low, high]`` per column.
+        The int64 total count ``<= low``, the int32 count in ``(low, high]`` per column, and the float64 sum of all
+        scores (column sums in float32).
     """
     scores = scores_of(columns, factor)
     below = (scores <= low).sum(0, dtype=torch.int32)
     upto = (scores <= high).sum(0, dtype=torch.int32)
-    return below.sum(dtype=torch.int64), upto - below
+    return below.sum(dtype=torch.int64), upto - below, scores.sum(0).sum(dtype=torch.float64)
 
 
 def check_compiles(device: torch.device) -> None:

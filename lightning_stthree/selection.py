@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,6 +48,41 @@ def pivot_window(last_relative_move: float) -> float:
     """The window to search around the last threshold: twice its last relative move, within ``[MIN_PIVOT_WINDOW,
     PIVOT_WINDOW]`` (wide enough to hold the next threshold most of the time, narrow enough for few candidates)."""
     return min(max(2.0 * last_relative_move, MIN_PIVOT_WINDOW), PIVOT_WINDOW)
+
+
+class NonFiniteScoresError(FloatingPointError):
+    """Raised by :func:`select_threshold` with ``check_finite=True``: scores of some weights do not sum to a finite
+    number, so they hold NaN or Inf (or, rarely, finite scores so large that their sum overflows).
+
+    Attributes:
+        suspects: Indices, in the weights given, of the tensors whose sums are not finite.
+    """
+
+    def __init__(self, suspects: list[int]) -> None:
+        super().__init__(f"the scores of the weight tensors at indices {suspects} do not sum to a finite number")
+        self.suspects = suspects
+
+
+def nonfinite_sums(weights: Sequence[Tensor]) -> list[int]:
+    """Indices of the tensors of ``weights`` whose sum is not finite: every tensor holding NaN or Inf, and rarely one
+    of finite entries whose sum overflows. One sum per tensor and one device sync; sharded tensors (DTensors) are
+    summed shard by shard and the sums all-reduced."""
+    parts = local_parts(weights)
+    sums = parts.total(
+        torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
+    )
+    return torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+
+
+def _raise_if_any(suspects: list[int]) -> None:
+    if suspects:
+        raise NonFiniteScoresError(suspects)
+
+
+def check_finite_sums(weights: Sequence[Tensor]) -> None:
+    """Raise :class:`NonFiniteScoresError` if a tensor of ``weights`` does not sum to a finite number
+    (:func:`nonfinite_sums`)."""
+    _raise_if_any(nonfinite_sums(weights))
 
 
 _RADIX_BITS = 16
@@ -86,9 +122,15 @@ def _first_reaching(cumulative: Tensor, goal: float) -> int:
 FUSED_ROWS = 16
 
 
-def _near_pivot_eager(
-    weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor
-) -> tuple[list[int], list[Tensor]]:
+class _Window(NamedTuple):
+    """What one pass over the weights found around the previous threshold, per tensor."""
+
+    below: list[int]  # number of scores <= low
+    candidates: list[Tensor]  # the scores in (low, high]
+    sums: Tensor | None  # float64 sums of the scores, if the pass computed them
+
+
+def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
     """Per tensor, the number of scores ``<= low`` and the scores in ``(low, high]`` (one pass, chunk by chunk)."""
     buffer = _score_buffer(weights)
     below: list[Tensor] = []
@@ -101,29 +143,30 @@ def _near_pivot_eager(
             inside.append(scores[(scores > low) & (scores <= high)])
         below.append(count)
         candidates.append(torch.cat(inside) if inside else low.new_empty(0))
-    return torch.stack(below).tolist(), candidates
+    return _Window(torch.stack(below).tolist(), candidates, None)
 
 
-def _near_pivot_fused(
-    weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor
-) -> tuple[list[int], list[Tensor]]:
+def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
     """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
 
     The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and, per
     column, those in the window. Only the columns holding in-window scores are read again (a few percent of the
     weight for the windows the callback uses), and their scores recomputed with the kernel's own formula
-    (:func:`~lightning_stthree.kernels.scores_of`).
+    (:func:`~lightning_stthree.kernels.scores_of`). The kernel also sums the scores, which checks them for NaN and
+    Inf without another pass.
     """
     below: list[Tensor] = []
     candidates: list[Tensor] = []
+    sums: list[Tensor] = []
     for weight, factor in zip(weights, factors, strict=True):
         columns = weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1)
         factor_tensor = torch.tensor(factor, dtype=torch.float32, device=low.device)
-        count, per_column = compiled(window_column_counts)(columns, factor_tensor, low, high)
+        count, per_column, total = compiled(window_column_counts)(columns, factor_tensor, low, high)
         scores = scores_of(columns[:, torch.nonzero(per_column).flatten()], factor_tensor)
         below.append(count)
         candidates.append(scores[(scores > low) & (scores <= high)])
-    return torch.stack(below).tolist(), candidates
+        sums.append(total)
+    return _Window(torch.stack(below).tolist(), candidates, torch.stack(sums))
 
 
 def _select_near_pivot(
@@ -134,13 +177,20 @@ def _select_near_pivot(
     pivot: float,
     window: float,
     compile_kernels: bool,
+    check_finite: bool,
 ) -> Tensor | None:
-    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a sort of the candidates)."""
+    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a sort of the candidates).
+
+    With ``check_finite``, raise :class:`NonFiniteScoresError` first if a tensor's scores do not sum to a finite
+    number (from the fused pass's sums, or from a sum per tensor).
+    """
     device = weights[0].device
     low = torch.tensor(pivot * (1.0 - window), dtype=torch.float32, device=device)
     high = torch.tensor(pivot * (1.0 + window), dtype=torch.float32, device=device)
     find = _near_pivot_fused if compile_kernels else _near_pivot_eager
-    below, candidates = find(weights, factors, low, high)
+    below, candidates, sums = find(weights, factors, low, high)
+    if check_finite:
+        _raise_if_any(nonfinite_sums(weights) if sums is None else torch.nonzero(~sums.isfinite()).flatten().tolist())
     below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
     if below_goal >= goal:
         return None  # the answer is at or below the window
@@ -203,6 +253,7 @@ def select_threshold(
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
     compile_kernels: bool = False,
+    check_finite: bool = False,
 ) -> Tensor:
     r"""Smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \cdot \#\{|w| f_i \le t,\ w \in \mathrm{weights}_i\}
     \ge \mathrm{goal}`.
@@ -217,15 +268,24 @@ def select_threshold(
         window: Half-width of the window around ``pivot``, relative to it, in ``(0, 1)``.
         compile_kernels: Count the scores around ``pivot`` with one fused kernel per tensor
             (:mod:`~lightning_stthree.kernels`); the counts, and so the result, are the same.
+        check_finite: Check that the scores of each tensor sum to a finite number before selecting (a threshold
+            over NaN or Inf scores means nothing). Free with ``compile_kernels`` near ``pivot`` (the fused pass sums
+            as it counts), otherwise one sum per tensor (:func:`nonfinite_sums`).
 
     Returns:
         A 0-dim float32 tensor on the weights' device, equal to one of the scores.
+
+    Raises:
+        NonFiniteScoresError: With ``check_finite``, if the scores of some tensor do not sum to a finite number.
     """
     parts = local_parts(weights)
+    near = parts.reduce is None and pivot is not None and math.isfinite(pivot) and pivot > 0
+    if check_finite and not near:
+        check_finite_sums(weights)
     if parts.reduce is not None:
         return _radix_select(parts.tensors, factors, shares, goal, parts.reduce)
-    if pivot is not None and math.isfinite(pivot) and pivot > 0:
-        near = _select_near_pivot(weights, factors, shares, goal, pivot, window, compile_kernels)
-        if near is not None:
-            return near
+    if near:
+        answer = _select_near_pivot(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite)
+        if answer is not None:
+            return answer
     return _radix_select(weights, factors, shares, goal)

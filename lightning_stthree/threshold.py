@@ -15,8 +15,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.distributed import count_per_tensor, local_parts
-from lightning_stthree.selection import PIVOT_WINDOW, score_chunks, select_threshold
+from lightning_stthree.distributed import count_per_tensor
+from lightning_stthree.selection import PIVOT_WINDOW, check_finite_sums, nonfinite_sums, score_chunks, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -60,6 +60,7 @@ def global_threshold(
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
     compile_kernels: bool = False,
+    check_finite: bool = False,
 ) -> Tensor:
     """The global threshold ``t`` that prunes a fraction ``sparsity`` of all scores of ``weights``.
 
@@ -77,12 +78,15 @@ def global_threshold(
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
         compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
+        check_finite: Raise if some weights are not finite, also when nothing is pruned (see
+            :func:`~lightning_stthree.selection.select_threshold`).
 
     Returns:
         A 0-dim float32 tensor on the weights' device, in score units (divide by ``layer_score_factor`` per layer).
 
     Raises:
         ValueError: If ``weights`` is empty or ``sparsity`` is outside ``[0, 1]``.
+        NonFiniteScoresError: With ``check_finite``, if some tensor's scores do not sum to a finite number.
 
     Example::
 
@@ -95,9 +99,12 @@ def global_threshold(
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity}")
     k = num_pruned(sparsity, sum(w.numel() for w in weights))
     if k == 0:
+        if check_finite:
+            check_finite_sums(weights)
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
-    return select_threshold(weights, factors, [1.0] * len(weights), float(k), pivot, window, compile_kernels)
+    ones = [1.0] * len(weights)
+    return select_threshold(weights, factors, ones, float(k), pivot, window, compile_kernels, check_finite)
 
 
 @torch.no_grad()
@@ -109,6 +116,7 @@ def weighted_global_threshold(
     pivot: float | None = None,
     window: float = PIVOT_WINDOW,
     compile_kernels: bool = False,
+    check_finite: bool = False,
 ) -> Tensor:
     r"""Smallest score ``t`` such that pruning every weight with score ``<= t`` removes ``fraction`` of the total share.
 
@@ -127,12 +135,14 @@ def weighted_global_threshold(
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
         compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
+        check_finite: As for :func:`global_threshold`.
 
     Returns:
         A 0-dim float32 tensor in score units; ``0`` when the goal is 0 (nothing pruned).
 
     Raises:
         ValueError: On empty ``weights``, mismatched or negative ``shares``, or ``fraction`` outside ``[0, 1]``.
+        NonFiniteScoresError: With ``check_finite``, if some tensor's scores do not sum to a finite number.
     """
     if len(weights) == 0:
         raise ValueError("`weights` must hold at least one tensor, got an empty sequence")
@@ -141,10 +151,12 @@ def weighted_global_threshold(
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
     if fraction == 0 or all(share == 0 for share in shares):
+        if check_finite:
+            check_finite_sums(weights)
         return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
-    return select_threshold(weights, factors, shares, goal, pivot, window, compile_kernels)
+    return select_threshold(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite)
 
 
 @torch.no_grad()
@@ -170,11 +182,7 @@ def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
     """
     if not weights:
         return {}
-    parts = local_parts(weights)
-    sums = parts.total(
-        torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
-    )
-    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+    suspects = nonfinite_sums(weights)
     if not suspects:
         return {}
     chosen = [weights[index] for index in suspects]

@@ -82,13 +82,13 @@ def test_sharded_threshold_benchmark_counts_the_bytes_and_checks_the_result(tmp_
     assert out.with_suffix(".md").read_text().startswith("| weights | tensors | bytes all-reduced per update |")
 
 
-def test_step_overhead_benchmark_times_dense_eager_and_compiled(tmp_path: Path) -> None:
+def test_step_overhead_benchmark_times_dense_eager_compiled_and_copy(tmp_path: Path) -> None:
     step_overhead = _load("step_overhead")
     out = tmp_path / "step_overhead.json"
     rows = step_overhead.main(["--rounds", "1", "--steps", "3", "--models", "resnet20", "--out", str(out)])
     (row,) = rows
     assert row["prunable_weights"] == 268_336  # every Conv/Linear weight of the CIFAR ResNet-20
-    assert set(row["variants"]) == {"eager", "compiled"}
+    assert set(row["variants"]) == {"eager", "compiled", "copy"}
     for variant in row["variants"].values():
         assert variant["step_s"] > 0
         assert variant["overhead_median_ratio"] == variant["ratios"][0] == variant["step_s"] / row["dense_step_s"]

@@ -8,7 +8,15 @@ import torch
 from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_stthree import ST3PruningCallback, nonfinite_counts
+from lightning_stthree import (
+    NonFiniteScoresError,
+    ST3PruningCallback,
+    global_threshold,
+    nonfinite_counts,
+    selection,
+    weighted_global_threshold,
+)
+from lightning_stthree import callback as callback_module
 from lightning_stthree.parametrization import raw_weight
 
 
@@ -32,6 +40,67 @@ def test_nonfinite_counts_match_numpy(dtype: torch.dtype) -> None:
     assert nonfinite_counts(weights) == expected
     assert nonfinite_counts(weights[:1]) == {}
     assert nonfinite_counts([]) == {}
+
+
+def _finite_weights() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator) * 0.05 for shape in [(64, 3, 7, 7), (128, 64, 3, 3), (10, 512)]]
+
+
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("pivot", [None, "previous"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_selection_checks_the_weights_are_finite_on_every_path(
+    compile_kernels: bool, pivot: str | None, sparsity: float
+) -> None:
+    weights = _finite_weights()
+    previous = global_threshold(weights, 0.9).item() * 1.0005 if pivot else None
+    checked = global_threshold(weights, sparsity, "l1", previous, 0.01, compile_kernels, check_finite=True)
+    assert checked == global_threshold(weights, sparsity)  # finite: the same threshold
+    for bad, value in ((1, float("nan")), (2, float("-inf"))):
+        poisoned = [w.clone() for w in weights]
+        poisoned[bad].view(-1)[7] = value
+        with pytest.raises(NonFiniteScoresError, match=rf"indices \[{bad}\]") as error:
+            global_threshold(poisoned, sparsity, "l1", previous, 0.01, compile_kernels, check_finite=True)
+        assert error.value.suspects == [bad]
+        shares = [3.0, 1.0, 0.5]
+        with pytest.raises(NonFiniteScoresError):
+            weighted_global_threshold(poisoned, shares, sparsity, "l1_std", previous, 0.01, compile_kernels, True)
+
+
+def test_fused_selection_checks_finiteness_without_another_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Near the previous threshold, the fused kernel's own sums say whether the scores are finite: no sum per tensor.
+    weights = _finite_weights()
+    previous = global_threshold(weights, 0.9).item() * 1.0005
+    calls: list[int] = []
+    original = selection.nonfinite_sums
+    monkeypatch.setattr(selection, "nonfinite_sums", lambda w: calls.append(1) or original(w))
+    global_threshold(weights, 0.9, "l1", previous, 0.01, compile_kernels=True, check_finite=True)
+    assert calls == []
+    global_threshold(weights, 0.9, "l1", previous, 0.01, compile_kernels=False, check_finite=True)
+    assert calls == [1]  # the eager pass sums separately
+
+
+def test_finite_weights_whose_sums_overflow_still_get_a_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fused kernel sums float32 scores by column: finite scores near float32's maximum overflow it.
+    huge = torch.full((16, 8), torch.finfo(torch.float32).max / 2)
+    huge[:, ::2] = 1.0
+    with pytest.raises(NonFiniteScoresError):
+        global_threshold([huge], 0.25, pivot=1.0, compile_kernels=True, check_finite=True)
+    assert nonfinite_counts([huge]) == {}  # the exact count clears it
+    # The callback then selects without the check, as if the sums had been finite.
+    original = callback_module.global_threshold
+
+    def overflowing(*args: Any) -> torch.Tensor:
+        if args[-1]:
+            raise NonFiniteScoresError([0])
+        return original(*args)
+
+    monkeypatch.setattr(callback_module, "global_threshold", overflowing)
+    callback = ST3PruningCallback(0.8, start=0, end=8, report=False)
+    quiet_trainer(max_steps=10, callbacks=[callback]).fit(TinyNet(), random_loader(10))
+    assert callback.last_update_step == 10
+    assert callback.sparsity == pytest.approx(0.8)
 
 
 class _Poison(Callback):
@@ -58,9 +127,10 @@ class _Poison(Callback):
             self.saved = None
 
 
-def test_nan_weight_raises_naming_the_layer_and_the_step() -> None:
+@pytest.mark.parametrize("compile_kernels", [False, True])
+def test_nan_weight_raises_naming_the_layer_and_the_step(compile_kernels: bool) -> None:
     model = TinyNet()
-    callback = ST3PruningCallback(0.8, start=0, end=8, report=False)
+    callback = ST3PruningCallback(0.8, start=0, end=8, report=False, compile_kernels=compile_kernels)
     trainer = quiet_trainer(max_steps=10, callbacks=[callback, _Poison(at=3)])
     message = (
         r"at optimizer step 3, the raw weights of `fc` \(1 NaN and 1 Inf of 5760\) are not finite.*"
