@@ -41,22 +41,25 @@ def scores_of(weight: Tensor, factor: Tensor) -> Tensor:
 
 
 def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Count the scores ``|w| * factor`` of a weight viewed as a few rows of many columns: how many are ``<= low`` in
-    all, and how many lie in ``(low, high]`` in each column; and sum them all.
+    """Count the scores ``|w| * factor`` of a weight viewed as at most 31 rows of many columns that are ``<= low``,
+    mark per column the rows whose score lies in ``(low, high]``, and sum all scores.
 
     The scores are :func:`scores_of`'s, so the counts are exactly those of the scores the selection reads back.
-    Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass, and the columns with a non-zero count
-    locate the few in-window scores without another pass over the weight. The sum comes almost free with the
-    counts and says whether every score is finite (NaN and Inf make it so; huge finite scores can too, by overflow).
+    Reducing over the rows (dim 0) keeps the compiled kernel a streaming pass, and the marks locate the few
+    in-window scores without another pass over the weight. The sum comes almost free with the counts and says
+    whether every score is finite (NaN and Inf make it so; huge finite scores can too, by overflow).
 
     Returns:
-        The int64 total count ``<= low``, the int32 count in ``(low, high]`` per column, and the float64 sum of all
-        scores (column sums in float32).
+        The int64 total count ``<= low``; per column an int32 whose bit ``r`` is set when row ``r``'s score is in
+        ``(low, high]``; and the float64 sum of all scores (column sums in float32).
     """
     scores = scores_of(columns, factor)
+    row_bits = torch.ones((), dtype=torch.int32, device=columns.device) << torch.arange(
+        columns.shape[0], dtype=torch.int32, device=columns.device
+    ).unsqueeze(1)
+    inside = ((scores > low) & (scores <= high)).int() * row_bits
     below = (scores <= low).sum(0, dtype=torch.int32)
-    upto = (scores <= high).sum(0, dtype=torch.int32)
-    return below.sum(dtype=torch.int64), upto - below, scores.sum(0).sum(dtype=torch.float64)
+    return below.sum(dtype=torch.int64), inside.sum(0, dtype=torch.int32), scores.sum(0).sum(dtype=torch.float64)
 
 
 def check_compiles(device: torch.device) -> None:

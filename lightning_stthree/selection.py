@@ -117,8 +117,8 @@ def _first_reaching(cumulative: Tensor, goal: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype, device=cumulative.device)))
 
 
-# Rows of the view the fused counting pass reads each weight as (see `_near_pivot_fused`): every column with an
-# in-window score costs this many scores to read back.
+# Rows of the view the fused counting pass reads each weight as (see `_near_pivot_fused`; at most 31, the bits of
+# the int32 marks per column).
 FUSED_ROWS = 16
 
 
@@ -149,9 +149,9 @@ def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: 
 def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
     """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
 
-    The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and, per
-    column, those in the window. Only the columns holding in-window scores are read again (a few percent of the
-    weight for the windows the callback uses), and their scores recomputed with the kernel's own formula
+    The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and marks, per
+    column, the rows whose score is in the window. Only the marked entries are read again (one per in-window score,
+    not a whole column), and their scores recomputed with the kernel's own formula
     (:func:`~lightning_stthree.kernels.scores_of`). The kernel also sums the scores, which checks them for NaN and
     Inf without another pass.
     """
@@ -161,8 +161,11 @@ def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: 
     for weight, factor in zip(weights, factors, strict=True):
         columns = weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1)
         factor_tensor = torch.tensor(factor, dtype=torch.float32, device=low.device)
-        count, per_column, total = compiled(window_column_counts)(columns, factor_tensor, low, high)
-        scores = scores_of(columns[:, torch.nonzero(per_column).flatten()], factor_tensor)
+        count, marks, total = compiled(window_column_counts)(columns, factor_tensor, low, high)
+        marked = torch.nonzero(marks).flatten()
+        rows = torch.arange(columns.shape[0], dtype=torch.int32, device=low.device)
+        which, row = torch.nonzero((marks[marked].unsqueeze(1) >> rows) & 1, as_tuple=True)
+        scores = scores_of(columns[row, marked[which]], factor_tensor)
         below.append(count)
         candidates.append(scores[(scores > low) & (scores <= high)])
         sums.append(total)
