@@ -135,7 +135,9 @@ class ST3PruningCallback(SparseTrainingCallback):
         on_nonfinite: What a threshold update does when a prunable raw weight holds NaN or Inf (training has
             diverged, and a threshold over such weights means nothing): ``"raise"`` (default) a
             ``FloatingPointError`` that names the layers and the step; ``"warn"`` keep the last threshold and skip
-            the update for as long as it lasts (warned once per run). The check costs one sum per layer per update.
+            the update for as long as it lasts (warned once per run). The selection checks as it reads the weights:
+            free with ``compile_kernels`` (its counting kernel sums as it counts), one sum per layer per update
+            otherwise.
         compile_kernels: Fuse the two passes ST-3 makes over every weight per step (the effective weight in the
             forward pass, the count around the last threshold in the selection) into one ``torch.compile``d kernel
             each (:mod:`~lightning_stthree.kernels`): several times less time per pass. Needs a C++ compiler on a

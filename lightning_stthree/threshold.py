@@ -164,9 +164,10 @@ def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
     """Which tensors hold NaN or infinite entries: ``{index: (number of NaNs, number of infinities)}``.
 
     A threshold selected over such weights means nothing (NaN scores are never counted, infinite ones always sort
-    last), so the callback checks before every threshold update. The common case, all finite, costs one sum per tensor
-    and one device sync: a sum is finite whenever every entry is (barring overflow, which the exact count below then
-    clears); only the tensors whose sum is not finite are counted entry by entry.
+    last), so the callback's selection checks the sums of the weights at every threshold update
+    (``check_finite``) and calls this for the exact counts when one is not finite. The common case, all finite, costs
+    one sum per tensor and one device sync: a sum is finite whenever every entry is (barring overflow, which the exact
+    count below then clears); only the tensors whose sum is not finite are counted entry by entry.
 
     Args:
         weights: Floating-point tensors on one device; DTensors are checked shard by shard, with one all-reduce of
