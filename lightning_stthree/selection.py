@@ -71,6 +71,10 @@ def nonfinite_sums(weights: Sequence[Tensor]) -> list[int]:
     sums = parts.total(
         torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
     )
+    return _nonfinite_indices(sums)
+
+
+def _nonfinite_indices(sums: Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
 
 
@@ -193,7 +197,7 @@ def _select_near_pivot(
     find = _near_pivot_fused if compile_kernels else _near_pivot_eager
     below, candidates, sums = find(weights, factors, low, high)
     if check_finite:
-        _raise_if_any(nonfinite_sums(weights) if sums is None else torch.nonzero(~sums.isfinite()).flatten().tolist())
+        _raise_if_any(nonfinite_sums(weights) if sums is None else _nonfinite_indices(sums))
     below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
     if below_goal >= goal:
         return None  # the answer is at or below the window
