@@ -7,9 +7,9 @@ always one of the scores, and for unit shares it is bitwise the k-th smallest sc
 
 1. *Near the previous threshold* (``pivot``): the threshold moves little between optimizer steps. One pass counts
    the share below ``pivot * (1 - window)`` and gathers the few scores inside ``(pivot * (1 - window),
-   pivot * (1 + window)]``; if the answer lies inside, sorting those few candidates finishes the job. With
-   ``compile_kernels`` that pass is one fused kernel per tensor, which counts instead of gathering and says where
-   the few candidates are (:func:`_near_pivot_fused`).
+   pivot * (1 + window)]``; if the answer lies inside, a k-th value selection among those few candidates (a sort,
+   when the shares differ) finishes the job. With ``compile_kernels`` that pass is one fused kernel per tensor, which
+   counts instead of gathering and says where the few candidates are (:func:`_near_pivot_fused`).
 2. *Otherwise* (first update, or the threshold jumped): a two-pass radix selection over the float32 bit patterns of
    the scores (non-negative floats order like their int32 views): a histogram of the high 16 bits finds the bucket
    holding the answer, a histogram of the low 16 bits within that bucket finds the answer.
@@ -25,6 +25,7 @@ counts are exact). The near-pivot pass is skipped there: its candidates would ha
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -127,11 +128,12 @@ FUSED_ROWS = 16
 
 
 class _Window(NamedTuple):
-    """What one pass over the weights found around the previous threshold, per tensor."""
+    """What one pass over the weights found around the previous threshold."""
 
-    below: list[int]  # number of scores <= low
-    candidates: list[Tensor]  # the scores in (low, high]
-    sums: Tensor | None  # float64 sums of the scores, if the pass computed them
+    below: list[int]  # per tensor, the number of scores <= low
+    candidates: Tensor  # the scores in (low, high], of all tensors
+    owners: Tensor  # per candidate, the index of its tensor
+    sums: Tensor | None  # per tensor, the float64 sum of the scores, if the pass computed them
 
 
 def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
@@ -147,33 +149,45 @@ def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: 
             inside.append(scores[(scores > low) & (scores <= high)])
         below.append(count)
         candidates.append(torch.cat(inside) if inside else low.new_empty(0))
-    return _Window(torch.stack(below).tolist(), candidates, None)
+    owners = torch.repeat_interleave(
+        torch.arange(len(weights), device=low.device),
+        torch.tensor([c.numel() for c in candidates], device=low.device),
+    )
+    return _Window(torch.stack(below).tolist(), torch.cat(candidates), owners, None)
 
 
 def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
     """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
 
-    The weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and marks, per
-    column, the rows whose score is in the window. Only the marked entries are read again (one per in-window score,
-    not a whole column), and their scores recomputed with the kernel's own formula
-    (:func:`~lightning_stthree.kernels.scores_of`). The kernel also sums the scores, which checks them for NaN and
-    Inf without another pass.
+    Each weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and marks, per
+    column, the rows whose score is in the window. The marks of all tensors are then decoded together, and only the
+    marked entries are read again (one per in-window score, not a whole column), their scores recomputed with the
+    kernel's own formula (:func:`~lightning_stthree.kernels.scores_of`): a fixed number of operations per tensor
+    (the kernel and one gather), whatever the number of tensors. The kernel also sums the scores, which checks them
+    for NaN and Inf without another pass.
     """
-    below: list[Tensor] = []
-    candidates: list[Tensor] = []
-    sums: list[Tensor] = []
-    for weight, factor in zip(weights, factors, strict=True):
-        columns = weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1)
-        factor_tensor = torch.tensor(factor, dtype=torch.float32, device=low.device)
-        count, marks, total = compiled(window_column_counts)(columns, factor_tensor, low, high)
-        marked = torch.nonzero(marks).flatten()
-        rows = torch.arange(columns.shape[0], dtype=torch.int32, device=low.device)
-        which, row = torch.nonzero((marks[marked].unsqueeze(1) >> rows) & 1, as_tuple=True)
-        scores = scores_of(columns[row, marked[which]], factor_tensor)
-        below.append(count)
-        candidates.append(scores[(scores > low) & (scores <= high)])
-        sums.append(total)
-    return _Window(torch.stack(below).tolist(), candidates, torch.stack(sums))
+    device = low.device
+    factor_tensors = torch.tensor(list(factors), dtype=torch.float32, device=device)
+    views = [weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1) for weight in weights]
+    results = [compiled(window_column_counts)(columns, factor_tensors[i], low, high) for i, columns in enumerate(views)]
+    below, marks, sums = (list(parts) for parts in zip(*results, strict=True))
+    # Decode the marks of all tensors at once: the marked columns, then the marked rows of each.
+    marks_all = torch.cat(marks)
+    column = torch.nonzero(marks_all).flatten()
+    entry, row = torch.nonzero(
+        (marks_all[column].unsqueeze(1) >> torch.arange(FUSED_ROWS, device=device)) & 1, as_tuple=True
+    )
+    column = column[entry]
+    widths = [columns.shape[1] for columns in views]
+    starts = torch.tensor([0, *itertools.accumulate(widths)][:-1], device=device)
+    owners = torch.searchsorted(starts, column, right=True) - 1
+    flat = row * torch.tensor(widths, device=device)[owners] + column - starts[owners]  # index in the flat tensor
+    # Entries come in column order, so grouped by tensor: one gather per tensor.
+    pieces = flat.split(torch.bincount(owners, minlength=len(views)).tolist())
+    values = torch.cat([columns.reshape(-1)[piece].float() for columns, piece in zip(views, pieces, strict=True)])
+    scores = scores_of(values, factor_tensors[owners])
+    inside = (scores > low) & (scores <= high)  # all of them: the marks are the kernel's own comparisons
+    return _Window(torch.stack(below).tolist(), scores[inside], owners[inside], torch.stack(sums))
 
 
 def _select_near_pivot(
@@ -186,7 +200,7 @@ def _select_near_pivot(
     compile_kernels: bool,
     check_finite: bool,
 ) -> Tensor | None:
-    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a sort of the candidates).
+    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a selection of candidates).
 
     With ``check_finite``, raise :class:`NonFiniteScoresError` first if a tensor's scores do not sum to a finite
     number (from the fused pass's sums, or from a sum per tensor).
@@ -195,20 +209,21 @@ def _select_near_pivot(
     low = torch.tensor(pivot * (1.0 - window), dtype=torch.float32, device=device)
     high = torch.tensor(pivot * (1.0 + window), dtype=torch.float32, device=device)
     find = _near_pivot_fused if compile_kernels else _near_pivot_eager
-    below, candidates, sums = find(weights, factors, low, high)
+    below, candidates, owners, sums = find(weights, factors, low, high)
     if check_finite:
         _raise_if_any(nonfinite_sums(weights) if sums is None else _nonfinite_indices(sums))
     below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
     if below_goal >= goal:
         return None  # the answer is at or below the window
-    values, order = torch.sort(torch.cat(candidates), stable=True)
+    if all(share == 1.0 for share in shares):
+        # Counting weights: the answer is the k-th smallest candidate (a selection, several times faster than a sort).
+        rank = math.ceil(goal - below_goal)
+        return torch.kthvalue(candidates, rank).values if rank <= candidates.numel() else None
+    values, order = torch.sort(candidates, stable=True)
     if values.numel() == 0:
         return None
-    candidate_shares = [
-        torch.full(c.shape, share, dtype=torch.float64, device=device)
-        for c, share in zip(candidates, shares, strict=True)
-    ]
-    cumulative = below_goal + torch.cat(candidate_shares)[order].cumsum(0)
+    candidate_shares = torch.tensor(list(shares), dtype=torch.float64, device=device)[owners]
+    cumulative = below_goal + candidate_shares[order].cumsum(0)
     index = _first_reaching(cumulative, goal)
     if index >= values.numel():
         return None  # the answer is above the window

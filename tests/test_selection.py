@@ -69,9 +69,11 @@ def test_global_threshold_uses_the_pivot_and_stays_exact() -> None:
     assert now == _reference(weights, [1.0, 1.0], round(0.9 * sum(w.numel() for w in weights)))
 
 
-def test_weighted_selection_matches_numpy_with_pivots() -> None:
+@pytest.mark.parametrize("compile_kernels", [False, True])
+@pytest.mark.parametrize("scale", [0.1, 1.0])  # at 1.0 the window around the answer holds scores of both tensors
+def test_weighted_selection_matches_numpy_with_pivots(scale: float, compile_kernels: bool) -> None:
     g = torch.Generator().manual_seed(2)
-    weights = [torch.randn(64, 3, 3, 3, generator=g), torch.randn(128, 64, 3, 3, generator=g) * 0.1]
+    weights = [torch.randn(64, 3, 3, 3, generator=g), torch.randn(128, 64, 3, 3, generator=g) * scale]
     shares = [1024.0, 64.0]
     scores = np.concatenate([np.abs(w.numpy()).ravel() for w in weights]).astype(np.float32)
     per_weight = np.concatenate([np.full(w.numel(), s) for w, s in zip(weights, shares, strict=True)])
@@ -81,7 +83,7 @@ def test_weighted_selection_matches_numpy_with_pivots() -> None:
         goal = fraction * cumulative[-1]
         expected = scores[order][np.searchsorted(cumulative, goal, side="left")]
         for pivot in (None, float(expected), float(expected) * 1.015, float(expected) * 3):
-            got = select_threshold(weights, [1.0, 1.0], shares, goal, pivot)
+            got = select_threshold(weights, [1.0, 1.0], shares, goal, pivot, compile_kernels=compile_kernels)
             assert got.item() == expected
 
 
