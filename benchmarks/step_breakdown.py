@@ -7,7 +7,9 @@ Conv/Linear weight, steps interleaved. Each ST-3 step recomputes the global thre
 package's selection, as the callback does (searched near the previous threshold, in the window the callback uses,
 checking that the weights are finite) before its forward pass. With ``--compile-kernels`` the selection's counting
 pass and the effective weight are fused kernels, as with the callback's ``compile_kernels=True``. Prints the median
-time of each phase over the steps after the first three, for both models, the median per-step ratio and the median
+time of each phase over the steps after the first three, for both models; the part of the ST-3 forward pass spent
+building the effective weights (inside the parametrizations); the minor page faults per step (memory the allocator
+got anew from the operating system, see the README's *Performance*); the median per-step ratio and the median
 window.
 """
 
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
+from typing import Any
 
 import torch
 import torchvision
@@ -30,12 +34,20 @@ from lightning_stthree.threshold import global_threshold
 PHASES = ("selection", "forward", "backward", "optimizer")
 
 
-def main() -> None:
+def page_faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison, print its table and return the medians (milliseconds, faults, ratio, window)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("resnet18", "resnet20"), default="resnet18")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--compile-kernels", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 4:
+        parser.error(f"--steps must be at least 4 (the first 3 are warm-up), got {args.steps}")
     torch.manual_seed(0)
     if args.model == "resnet20":
         dense, batch, size = cifar_resnet(20), 128, 32
@@ -45,11 +57,25 @@ def main() -> None:
     sparse = copy.deepcopy(dense)
     layers = [m for m in sparse.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     parametrizations = [register_st3_parametrization(m, compile_kernels=args.compile_kernels) for m in layers]
+    inside = [0.0]  # seconds spent in the parametrizations during the current forward pass
+    entered = [0.0]
+
+    def enter(*_: object) -> None:
+        entered[0] = time.perf_counter()
+
+    def leave(*_: object) -> None:
+        inside[0] += time.perf_counter() - entered[0]
+
+    for parametrization in parametrizations:
+        parametrization.register_forward_pre_hook(enter)
+        parametrization.register_forward_hook(leave)
     previous: list[float | None] = [None]
     last_move = [PIVOT_WINDOW]  # of the threshold, relative: the callback searches within twice that of it
     windows: list[float] = []
 
     def step(model: nn.Module, optimizer: torch.optim.Optimizer, pruned: bool) -> tuple[float, ...]:
+        faults = page_faults()
+        inside[0] = 0.0
         start = time.perf_counter()
         if pruned:
             weights = [raw_weight(m) for m in layers]
@@ -72,6 +98,8 @@ def main() -> None:
             forward - selected,
             backward - forward,
             time.perf_counter() - backward,
+            inside[0],
+            page_faults() - faults,
         )
 
     runs = {
@@ -83,14 +111,31 @@ def main() -> None:
         for name, run in runs.items():
             times[name].append(step(*run))
     dense_times, st3_times = times["dense"][3:], times["st3"][3:]
+
+    def median(run: list[tuple[float, ...]], index: int, scale: float = 1000.0) -> float:
+        return scale * statistics.median(t[index] for t in run)
+
+    parts = len(PHASES)
+    result: dict[str, Any] = {
+        "phases_ms": {
+            phase: {"dense": median(dense_times, i), "st3": median(st3_times, i)} for i, phase in enumerate(PHASES)
+        },
+        "effective_weights_ms": median(st3_times, parts),
+        "page_faults": {"dense": median(dense_times, parts + 1, 1), "st3": median(st3_times, parts + 1, 1)},
+        "step_ratio": statistics.median(
+            sum(s[:parts]) / sum(d[:parts]) for s, d in zip(st3_times, dense_times, strict=True)
+        ),
+        "window": statistics.median(windows),
+    }
     print(f"{args.model}, {sum(m.weight.numel() for m in layers):,} prunable weights, batch {batch} at {size}x{size}")
-    for i, phase in enumerate(PHASES):
-        d = statistics.median(t[i] for t in dense_times)
-        s = statistics.median(t[i] for t in st3_times)
-        print(f"{phase:<10} dense {1000 * d:7.1f} ms   ST-3 {1000 * s:7.1f} ms")
-    ratio = statistics.median(sum(s) / sum(d) for s, d in zip(st3_times, dense_times, strict=True))
-    print(f"step ratio (median over steps): {ratio:.3f}")
-    print(f"window searched around the previous threshold (median): {statistics.median(windows):.4f}")
+    for phase, ms in result["phases_ms"].items():
+        print(f"{phase:<10} dense {ms['dense']:7.1f} ms   ST-3 {ms['st3']:7.1f} ms")
+    print(f"  of the ST-3 forward, building the effective weights: {result['effective_weights_ms']:.1f} ms")
+    faults = result["page_faults"]
+    print(f"minor page faults per step: dense {faults['dense']:.0f}   ST-3 {faults['st3']:.0f}")
+    print(f"step ratio (median over steps): {result['step_ratio']:.3f}")
+    print(f"window searched around the previous threshold (median): {result['window']:.4f}")
+    return result
 
 
 if __name__ == "__main__":

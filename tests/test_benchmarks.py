@@ -93,3 +93,16 @@ def test_step_overhead_benchmark_times_dense_eager_compiled_and_copy(tmp_path: P
         assert variant["step_s"] > 0
         assert variant["overhead_median_ratio"] == variant["ratios"][0] == variant["step_s"] / row["dense_step_s"]
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(rows))
+
+
+def test_step_breakdown_splits_the_step_and_times_the_effective_weights() -> None:
+    step_breakdown = _load("step_breakdown")
+    result = step_breakdown.main(["--model", "resnet20", "--steps", "4"])
+    assert set(result["phases_ms"]) == {"selection", "forward", "backward", "optimizer"}
+    selection = result["phases_ms"]["selection"]
+    assert selection["dense"] < 0.1 < selection["st3"]  # the dense model selects nothing
+    # The effective weights are built inside the ST-3 forward pass: timed, and a part of it.
+    assert 0 < result["effective_weights_ms"] < result["phases_ms"]["forward"]["st3"]
+    assert set(result["page_faults"]) == {"dense", "st3"}
+    assert result["step_ratio"] > 0
+    assert result["window"] > 0
