@@ -25,7 +25,6 @@ counts are exact). The near-pivot pass is skipped there: its candidates would ha
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -122,6 +121,8 @@ def _first_reaching(cumulative: Tensor, goal: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor([goal], dtype=cumulative.dtype, device=cumulative.device)))
 
 
+# Marked columns `_near_pivot_fused` gathers before reading them back (the read-back holds about 100 bytes for each).
+_DECODE_BLOCK = 1 << 18
 # Rows of the view the fused counting pass reads each weight as (see `_near_pivot_fused`; at most 31, the bits of
 # the int32 marks per column).
 FUSED_ROWS = 16
@@ -131,8 +132,8 @@ class _Window(NamedTuple):
     """What one pass over the weights found around the previous threshold."""
 
     below: list[int]  # per tensor, the number of scores <= low
-    candidates: Tensor  # the scores in (low, high], of all tensors
-    owners: Tensor  # per candidate, the index of its tensor
+    candidates: Tensor  # the scores in (low, high], of all tensors, tensor after tensor
+    counts: list[int]  # per tensor, how many of the candidates are its
     sums: Tensor | None  # per tensor, the float64 sum of the scores, if the pass computed them
 
 
@@ -149,45 +150,62 @@ def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: 
             inside.append(scores[(scores > low) & (scores <= high)])
         below.append(count)
         candidates.append(torch.cat(inside) if inside else low.new_empty(0))
-    owners = torch.repeat_interleave(
-        torch.arange(len(weights), device=low.device),
-        torch.tensor([c.numel() for c in candidates], device=low.device),
-    )
-    return _Window(torch.stack(below).tolist(), torch.cat(candidates), owners, None)
+    return _Window(torch.stack(below).tolist(), torch.cat(candidates), [c.numel() for c in candidates], None)
 
 
 def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
     """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
 
     Each weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and marks, per
-    column, the rows whose score is in the window. The marks of all tensors are then decoded together, and only the
-    marked entries are read again (one per in-window score, not a whole column), their scores recomputed with the
-    kernel's own formula (:func:`~lightning_stthree.kernels.scores_of`): a fixed number of operations per tensor
-    (the kernel and one gather), whatever the number of tensors. The kernel also sums the scores, which checks them
-    for NaN and Inf without another pass.
+    column, the rows whose score is in the window. Only the few marked columns of each tensor are kept (its marks,
+    one int32 per column, are dropped before the next tensor's kernel runs), and they are read back for groups of
+    tensors at once (:func:`_read_marked`), so each tensor costs the kernel and two small operations. The kernel
+    also sums the scores, which checks them for NaN and Inf without another pass.
     """
     device = low.device
     factor_tensors = torch.tensor(list(factors), dtype=torch.float32, device=device)
     views = [weight.detach().reshape(math.gcd(weight.numel(), FUSED_ROWS), -1) for weight in weights]
-    results = [compiled(window_column_counts)(columns, factor_tensors[i], low, high) for i, columns in enumerate(views)]
-    below, marks, sums = (list(parts) for parts in zip(*results, strict=True))
-    # Decode the marks of all tensors at once: the marked columns, then the marked rows of each.
-    marks_all = torch.cat(marks)
-    column = torch.nonzero(marks_all).flatten()
-    entry, row = torch.nonzero(
-        (marks_all[column].unsqueeze(1) >> torch.arange(FUSED_ROWS, device=device)) & 1, as_tuple=True
-    )
-    column = column[entry]
-    widths = [columns.shape[1] for columns in views]
-    starts = torch.tensor([0, *itertools.accumulate(widths)][:-1], device=device)
-    owners = torch.searchsorted(starts, column, right=True) - 1
-    flat = row * torch.tensor(widths, device=device)[owners] + column - starts[owners]  # index in the flat tensor
+    below: list[Tensor] = []
+    sums: list[Tensor] = []
+    candidates: list[Tensor] = []
+    counts: list[int] = []
+    group: list[tuple[int, Tensor, Tensor]] = []  # (tensor index, marked columns, their marks), not yet read back
+    for i, columns in enumerate(views):
+        count, marks, total = compiled(window_column_counts)(columns, factor_tensors[i], low, high)
+        marked = torch.nonzero(marks).flatten()
+        group.append((i, marked, marks[marked]))
+        below.append(count)
+        sums.append(total)
+        if i == len(views) - 1 or sum(len(m) for _, m, _ in group) >= _DECODE_BLOCK:
+            scores, group_counts = _read_marked(views, factor_tensors, group, low, high)
+            candidates.append(scores)
+            counts += group_counts
+            group = []
+    return _Window(torch.stack(below).tolist(), torch.cat(candidates), counts, torch.stack(sums))
+
+
+def _read_marked(
+    views: Sequence[Tensor], factors: Tensor, group: Sequence[tuple[int, Tensor, Tensor]], low: Tensor, high: Tensor
+) -> tuple[Tensor, list[int]]:
+    """The in-window scores of a group of tensors, tensor after tensor, and how many each tensor has, from the marked
+    columns and marks of :func:`~lightning_stthree.kernels.window_column_counts`: one decode for the group, one
+    gather per tensor, and the scores recomputed with the kernel's own formula
+    (:func:`~lightning_stthree.kernels.scores_of`)."""
+    device = low.device
+    indices = [i for i, _, _ in group]
+    marks = torch.cat([m for _, _, m in group])
+    entry, row = torch.nonzero((marks.unsqueeze(1) >> torch.arange(FUSED_ROWS, device=device)) & 1, as_tuple=True)
+    per_column = torch.tensor([len(c) for _, c, _ in group], device=device)
+    local = torch.repeat_interleave(torch.arange(len(group), device=device), per_column)[entry]  # within the group
+    columns = torch.cat([c for _, c, _ in group])[entry]
+    widths = torch.tensor([views[i].shape[1] for i in indices], device=device)
+    flat = row * widths[local] + columns  # index in the tensor's flat view
     # Entries come in column order, so grouped by tensor: one gather per tensor.
-    pieces = flat.split(torch.bincount(owners, minlength=len(views)).tolist())
-    values = torch.cat([columns.reshape(-1)[piece].float() for columns, piece in zip(views, pieces, strict=True)])
-    scores = scores_of(values, factor_tensors[owners])
+    pieces = flat.split(torch.bincount(local, minlength=len(group)).tolist())
+    values = torch.cat([views[i].reshape(-1)[piece].float() for i, piece in zip(indices, pieces, strict=True)])
+    scores = scores_of(values, factors[torch.tensor(indices, device=device)][local])
     inside = (scores > low) & (scores <= high)  # all of them: the marks are the kernel's own comparisons
-    return _Window(torch.stack(below).tolist(), scores[inside], owners[inside], torch.stack(sums))
+    return scores[inside], torch.bincount(local[inside], minlength=len(group)).tolist()
 
 
 def _select_near_pivot(
@@ -209,7 +227,7 @@ def _select_near_pivot(
     low = torch.tensor(pivot * (1.0 - window), dtype=torch.float32, device=device)
     high = torch.tensor(pivot * (1.0 + window), dtype=torch.float32, device=device)
     find = _near_pivot_fused if compile_kernels else _near_pivot_eager
-    below, candidates, owners, sums = find(weights, factors, low, high)
+    below, candidates, counts, sums = find(weights, factors, low, high)
     if check_finite:
         _raise_if_any(nonfinite_sums(weights) if sums is None else _nonfinite_indices(sums))
     below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
@@ -222,7 +240,9 @@ def _select_near_pivot(
     values, order = torch.sort(candidates, stable=True)
     if values.numel() == 0:
         return None
-    candidate_shares = torch.tensor(list(shares), dtype=torch.float64, device=device)[owners]
+    candidate_shares = torch.repeat_interleave(
+        torch.tensor(list(shares), dtype=torch.float64, device=device), torch.tensor(counts, device=device)
+    )
     cumulative = below_goal + candidate_shares[order].cumsum(0)
     index = _first_reaching(cumulative, goal)
     if index >= values.numel():

@@ -71,8 +71,13 @@ def test_a_weight_of_each_kind_compiles_only_a_few_kernels() -> None:
     assert 1 <= _graphs(effective_weight) <= 5
 
 
+@pytest.mark.parametrize("decode_block", [None, 7])  # 7: the marks are decoded in many small blocks
 @pytest.mark.parametrize("criterion", ["l1", "l1_std"])
-def test_fused_counting_is_used_and_exact_near_the_pivot(criterion: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_counting_is_used_and_exact_near_the_pivot(
+    criterion: str, decode_block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if decode_block is not None:
+        monkeypatch.setattr(selection, "_DECODE_BLOCK", decode_block)
     weights = _weights(torch.float32)
     previous = global_threshold(weights, 0.9, criterion)
     with torch.no_grad():
