@@ -170,17 +170,19 @@ def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: 
     candidates: list[Tensor] = []
     counts: list[int] = []
     group: list[tuple[int, Tensor, Tensor]] = []  # (tensor index, marked columns, their marks), not yet read back
+    group_size = 0  # marked columns in `group`
     for i, columns in enumerate(views):
         count, marks, total = compiled(window_column_counts)(columns, factor_tensors[i], low, high)
         marked = torch.nonzero(marks).flatten()
         group.append((i, marked, marks[marked]))
+        group_size += marked.numel()
         below.append(count)
         sums.append(total)
-        if i == len(views) - 1 or sum(len(m) for _, m, _ in group) >= _DECODE_BLOCK:
+        if i == len(views) - 1 or group_size >= _DECODE_BLOCK:
             scores, group_counts = _read_marked(views, factor_tensors, group, low, high)
             candidates.append(scores)
             counts += group_counts
-            group = []
+            group, group_size = [], 0
     return _Window(torch.stack(below).tolist(), torch.cat(candidates), counts, torch.stack(sums))
 
 
