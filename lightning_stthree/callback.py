@@ -372,7 +372,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
         # The threshold moves little from step to step: search first around the last one, in a window twice as wide
-        # as its last relative move (so that the few weights inside are cheap to sort).
+        # as its last relative move (so that few weights fall inside to select among).
         pivot = self.threshold if self.threshold > 0 else None
         try:
             threshold = self._select(weights, sparsity, pivot, check_finite=True)

@@ -38,7 +38,7 @@ from lightning_stthree.kernels import compiled, scores_of, window_column_counts
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
 # Default half-width of the window around the previous threshold, relative to it (callers that know how much the
-# threshold moved lately pass a tighter one, see `pivot_window`: fewer candidates to sort).
+# threshold moved lately pass a tighter one, see `pivot_window`: fewer candidates to read back and select among).
 PIVOT_WINDOW = 0.02
 # Narrowest window `pivot_window` gives.
 MIN_PIVOT_WINDOW = 1e-3
