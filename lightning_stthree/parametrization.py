@@ -386,6 +386,34 @@ def _load_raw_or_effective(
             state_dict.setdefault(f"{prefix}parametrizations.{name}.0.{key}", value)
 
 
+def _open_parametrization_cache(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a parametrized ``nn.MultiheadAttention``: build its effective ``in_proj_weight`` once
+    per call.
+
+    ``nn.MultiheadAttention.forward`` reads ``in_proj_weight`` up to five times per call (checks of its fast path,
+    then the computation), and each read of a parametrized tensor recomputes it. Inside
+    :func:`torch.nn.utils.parametrize.cached` the first read computes it and the others reuse that tensor (autograd
+    included); the cache is dropped when the call ends (:func:`_close_parametrization_cache`). ``torch.compile``
+    traces the same (no graph break); not while ``torch.jit.trace`` runs, whose tracing torch's cache refuses.
+    """
+    if torch.jit.is_tracing():
+        return
+    context = parametrize.cached()
+    context.__enter__()
+    module.__dict__["_st3_parametrization_cache"] = context
+
+
+def _close_parametrization_cache(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (``always_call``: also when the call raises) closing :func:`_open_parametrization_cache`'s
+    cache."""
+    context = module.__dict__.pop("_st3_parametrization_cache", None)
+    if context is not None:
+        context.__exit__(None, None, None)
+
+
+# Every hook `register_sparse_parametrization` installs, which `remove_st3_parametrization` removes again.
+_HOOKS = (_save_effective_weight, _load_raw_or_effective, _open_parametrization_cache, _close_parametrization_cache)
+
 ParametrizationT = TypeVar("ParametrizationT", bound=SparseParametrization)
 
 
@@ -395,7 +423,9 @@ def register_sparse_parametrization(module: nn.Module, parametrization: Parametr
 
     Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
     ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
-    ``load_state_dict`` accepts both parametrized and plain (dense or permanent) state dicts.
+    ``load_state_dict`` accepts both parametrized and plain (dense or permanent) state dicts. On an
+    ``nn.MultiheadAttention`` it also installs two forward hooks that compute the effective ``in_proj_weight`` once
+    per call instead of once per read (:func:`_open_parametrization_cache`).
 
     Args:
         module: A layer with a ``weight`` (output channels on dim 0).
@@ -421,6 +451,9 @@ def register_sparse_parametrization(module: nn.Module, parametrization: Parametr
     parametrize.register_parametrization(module, name, parametrization)
     module.register_state_dict_post_hook(_save_effective_weight)
     module.register_load_state_dict_pre_hook(_load_raw_or_effective)
+    if isinstance(module, nn.MultiheadAttention):
+        module.register_forward_pre_hook(_open_parametrization_cache)
+        module.register_forward_hook(_close_parametrization_cache, always_call=True)
     return parametrization
 
 
@@ -460,8 +493,8 @@ def remove_st3_parametrization(module: nn.Module) -> None:
     """Bake the effective weight into a plain ``weight`` Parameter and restore the layer's original class.
 
     Works for both of this package's parametrizations (ST-3 and STR). The Parameter object is kept (its data
-    replaced), so optimizers holding it stay valid. The state-dict hooks of :func:`register_sparse_parametrization`
-    are removed too, so the module pickles and loads without this package.
+    replaced), so optimizers holding it stay valid. The state-dict and forward hooks of
+    :func:`register_sparse_parametrization` are removed too, so the module pickles and loads without this package.
 
     Raises:
         ValueError: If the raw weight is sharded by FSDP2 (a DTensor).
@@ -482,8 +515,12 @@ def remove_st3_parametrization(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k != "__weakref__"})
     parametrize.remove_parametrizations(module, pruned_tensor_name(module), leave_parametrized=True)
     # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).
-    for hooks in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-        for key in [
-            k for k, h in hooks.items() if getattr(h, "hook", h) in (_save_effective_weight, _load_raw_or_effective)
-        ]:
+    for hooks in (
+        module._state_dict_hooks,
+        module._load_state_dict_pre_hooks,
+        module._forward_pre_hooks,
+        module._forward_hooks,
+    ):
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in _HOOKS]:
             del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)

@@ -1,6 +1,8 @@
 """nn.MultiheadAttention's packed `in_proj_weight` is pruned with the rest, in torchvision's ViT and Swin too."""
 
 import copy
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +12,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.models import SwinTransformer, VisionTransformer
 
-from lightning_stthree import ST3PruningCallback, STRPruningCallback, make_permanent, sparse_state_dict
+from lightning_stthree import (
+    ST3PruningCallback,
+    STRPruningCallback,
+    make_permanent,
+    register_st3_parametrization,
+    sparse_state_dict,
+)
 from lightning_stthree.layers import pruned_tensor
 
 
@@ -124,3 +132,86 @@ def test_attention_with_separate_key_value_widths_is_reported() -> None:
         quiet_trainer(max_steps=3, callbacks=[callback]).fit(CrossNet(), random_loader(3))
     assert "attn" not in callback.layers
     assert "attn.out_proj" in callback.layers
+
+
+def _parametrized_attention(threshold: float) -> tuple[nn.MultiheadAttention, list[int]]:
+    """A parametrized attention layer at ``threshold`` and a list counting its effective-weight computations."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 2, batch_first=True)
+    parametrization = register_st3_parametrization(attention)
+    parametrization.threshold.fill_(threshold)
+    computed = [0]
+    parametrization.register_forward_hook(lambda *_: computed.__setitem__(0, computed[0] + 1))
+    return attention, computed
+
+
+def _plain_attention_holding(attention: nn.MultiheadAttention) -> nn.MultiheadAttention:
+    """A plain attention layer whose ``in_proj_weight`` is a leaf holding ``attention``'s effective weight."""
+    plain = nn.MultiheadAttention(16, 2, batch_first=True)
+    with torch.no_grad():
+        plain.in_proj_weight.copy_(attention.in_proj_weight)
+        plain.in_proj_bias.copy_(attention.in_proj_bias)
+        plain.out_proj.load_state_dict(attention.out_proj.state_dict())
+    return plain
+
+
+def _assert_cache_closed() -> None:
+    """torch's parametrization cache is off and empty: the hooks closed it when the call ended."""
+    assert not parametrize._cache_enabled
+    assert not parametrize._cache
+
+
+def test_attention_builds_its_effective_weight_once_per_call() -> None:
+    # Unhooked, nn.MultiheadAttention.forward reads `in_proj_weight` 3 times in train mode and 4 or 5 in eval mode
+    # (its fast path's checks), each read computing the effective weight again.
+    attention, computed = _parametrized_attention(0.1)
+    x = torch.randn(3, 5, 16)
+    for train, grad in ((True, True), (False, True), (False, False)):
+        attention.train(train)
+        plain = _plain_attention_holding(attention).train(train)
+        computed[0] = 0
+        with torch.set_grad_enabled(grad):
+            got, want = attention(x, x, x)[0], plain(x, x, x)[0]
+        assert computed[0] == 1, (train, grad)
+        torch.testing.assert_close(got, want)
+        _assert_cache_closed()
+        if grad:
+            # The straight-through gradient reaches the raw weight: equal to the plain layer's weight gradient.
+            got.square().sum().backward()
+            want.square().sum().backward()
+            raw = attention.parametrizations.in_proj_weight.original
+            torch.testing.assert_close(raw.grad, plain.in_proj_weight.grad)
+            raw.grad = None
+
+
+def test_attention_cache_is_dropped_between_calls_and_when_a_call_fails() -> None:
+    attention, computed = _parametrized_attention(0.1)
+    x = torch.randn(3, 5, 16)
+    attention(x, x, x)
+    attention.parametrizations.in_proj_weight[0].threshold.fill_(0.2)  # a new threshold: the next call sees it
+    plain = _plain_attention_holding(attention)
+    computed[0] = 0
+    torch.testing.assert_close(attention(x, x, x)[0], plain(x, x, x)[0])
+    assert computed[0] == 1
+    with pytest.raises(AssertionError, match="embedding dimension"):
+        attention(torch.randn(3, 5, 7), x, x)  # a wrong width raises inside the call
+    _assert_cache_closed()
+
+
+def test_attention_hooks_compile_trace_and_leave_with_make_permanent() -> None:
+    attention, _ = _parametrized_attention(0.1)
+    x = torch.randn(3, 5, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)  # raises on a graph break
+    torch.testing.assert_close(compiled(x, x, x)[0], attention(x, x, x)[0])
+    _assert_cache_closed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, and still used to export
+        traced = torch.jit.trace(attention, (x, x, x), check_trace=False)  # torch's cache would refuse tracing
+    torch.testing.assert_close(traced(x, x, x)[0], attention(x, x, x)[0])
+    make_permanent(attention)
+    assert not attention._forward_pre_hooks
+    assert not attention._forward_hooks
+    assert not attention._forward_hooks_always_called
+    restored = pickle.loads(pickle.dumps(attention))
+    torch.testing.assert_close(restored(x, x, x)[0], attention(x, x, x)[0])
