@@ -329,6 +329,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._bring_threshold_up_to_date(trainer.global_step)
+        super().on_validation_start(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -188,9 +188,56 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
 class SparseParametrization(nn.Module):
     """Base of this package's weight parametrizations: what the callbacks, reports and exports rely on.
 
-    A subclass turns the raw weight into the effective (sparse) weight in ``forward`` and says which raw entries it
-    zeroes (:meth:`pruned`), so that the sparsity can be measured without building the effective weight.
+    A subclass turns the raw weight into the effective (sparse) weight in :meth:`effective` and says which raw entries
+    it zeroes (:meth:`pruned`), so that the sparsity can be measured without building the effective weight.
+
+    Attributes:
+        reuse_outside_autograd: While ``True``, a forward pass run without autograd (``torch.no_grad()``,
+            ``torch.inference_mode()``) returns the effective weight the previous such pass built, as long as the raw
+            weight and this parametrization's own tensors (threshold, mask, ``s``) are the same tensors, in the same
+            memory, not modified in place since (their version counters), and the settings are the same. The
+            callbacks set it for their trainer's validation, test and predict loops, where the weights do not change
+            from batch to batch, and unset it at the end of each loop (:meth:`stop_reusing`). It costs one effective
+            weight per layer held for the loop (1x the pruned weights). In-place changes through ``.data``, which
+            version counters do not see, are not detected. Off by default; never under autograd, ``torch.compile``
+            or sharded (DTensor) weights.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reuse_outside_autograd = False
+        self._reused: tuple[tuple[Any, ...], Tensor] | None = None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """Return the effective weight for the raw ``weight`` (:meth:`effective`, or the one reused, see
+        ``reuse_outside_autograd``)."""
+        if torch.compiler.is_compiling() or not self.reuse_outside_autograd:
+            return self.effective(weight)
+        if torch.is_grad_enabled() or is_dtensor(weight):
+            self._reused = None
+            return self.effective(weight)
+        key = self._reuse_key(weight)
+        if self._reused is None or self._reused[0] != key:
+            self._reused = None  # free the stale one before building the new one
+            self._reused = (key, self.effective(weight))
+        return self._reused[1]
+
+    def _reuse_key(self, weight: Tensor) -> tuple[Any, ...]:
+        tensors = (weight, *self.parameters(recurse=False), *self.buffers(recurse=False))
+        return (*((id(t), t.data_ptr(), t._version) for t in tensors), *self._settings())
+
+    def _settings(self) -> tuple[Any, ...]:
+        """The plain-Python settings the effective weight depends on (part of the reuse key)."""
+        return ()
+
+    def stop_reusing(self) -> None:
+        """Unset ``reuse_outside_autograd`` and drop the effective weight held for reuse."""
+        self.reuse_outside_autograd = False
+        self._reused = None
+
+    def effective(self, weight: Tensor) -> Tensor:
+        """The effective weight for the raw ``weight``."""
+        raise NotImplementedError
 
     @property
     def frozen(self) -> bool:
@@ -292,9 +339,9 @@ class SoftThresholdParametrization(SparseParametrization):
         local = mask.to_local()
         return local if local.shape == weight.shape else mask.full_tensor()
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return the effective weight for the raw ``weight`` (a DTensor sharded on dim 0 is thresholded shard by
-        shard: the rescale only needs whole output channels)."""
+    def effective(self, weight: Tensor) -> Tensor:
+        """The effective weight for the raw ``weight`` (a DTensor sharded on dim 0 is thresholded shard by shard: the
+        rescale only needs whole output channels)."""
         return on_local_rows(self._effective, weight)
 
     def _effective(self, weight: Tensor) -> Tensor:
@@ -305,6 +352,9 @@ class SoftThresholdParametrization(SparseParametrization):
                 weight, self.threshold, self.soft_threshold, self.rescale, self.compile_kernels
             )
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
+
+    def _settings(self) -> tuple[Any, ...]:
+        return self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels
 
     def extra_repr(self) -> str:
         flags = (

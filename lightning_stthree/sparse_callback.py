@@ -184,6 +184,41 @@ class SparseTrainingCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when a run fails or is interrupted: undo the module changes all the same.
         self._restore_module(pl_module)
+        self._reuse_effective_weights(False)
+
+    # Validation, test and predict loops do not change the weights between batches: each layer builds its effective
+    # weight once per loop instead of once per batch (`SparseParametrization.reuse_outside_autograd`).
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(True)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(False)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(True)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(False)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(True)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reuse_effective_weights(False)
+
+    def _reuse_effective_weights(self, reuse: bool) -> None:
+        for parametrization in self._parametrizations():
+            if reuse:
+                parametrization.reuse_outside_autograd = True
+            else:
+                parametrization.stop_reusing()
 
     def _restore_module(self, pl_module: pl.LightningModule) -> None:
         """Remove the hook wrappers of `setup` and make layers that came into a non-fit stage plain again."""

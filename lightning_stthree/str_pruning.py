@@ -69,8 +69,8 @@ class STRParametrization(SparseParametrization):
         """The current threshold on ``|w|``, ``sigmoid(s)`` (detached, float32)."""
         return torch.sigmoid(self.s.detach())
 
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return the effective weight for the raw ``weight``."""
+    def effective(self, weight: Tensor) -> Tensor:
+        """The effective weight for the raw ``weight``."""
         return str_effective_weight(weight, self.s)
 
     def pruned(self, weight: Tensor) -> Tensor:

@@ -106,3 +106,5 @@ def test_step_breakdown_splits_the_step_and_times_the_effective_weights() -> Non
     assert set(result["page_faults"]) == {"dense", "st3"}
     assert result["step_ratio"] > 0
     assert result["window"] > 0
+    assert set(result["evaluation_ms"]) == {"dense", "st3_rebuilding", "st3_reusing"}
+    assert all(ms > 0 for ms in result["evaluation_ms"].values())

@@ -1,15 +1,18 @@
+import copy
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from helpers import TinyNet, cubic_reference, quiet_trainer, random_loader, read_metrics
+from helpers import EvalNet, TinyNet, cubic_reference, quiet_trainer, random_loader, read_metrics
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_stthree import SoftThresholdParametrization, ST3PruningCallback
+from lightning_stthree import SoftThresholdParametrization, ST3PruningCallback, STRPruningCallback, make_permanent
+from lightning_stthree.sparse_callback import SparseTrainingCallback
 
 
 def _effective_sparsity(layers: list[nn.Module]) -> float:
@@ -293,3 +296,69 @@ def test_a_zero_initialised_layer_is_not_reported_as_emptied() -> None:
         warnings.filterwarnings("error", message=".*every weight of.*")
         quiet_trainer(max_steps=3, callbacks=[cb]).fit(model, random_loader(3))
     assert cb.measure_sparsity()[1]["fc"] == 1.0
+
+
+class _HeldWeights(Callback):
+    """Records, after every evaluation batch, which effective weights the callback's layers hold for reuse."""
+
+    def __init__(self, callback: SparseTrainingCallback) -> None:
+        self.callback = callback
+        self.loops: list[list[tuple[int, ...]]] = []
+
+    def _start(self, *_: Any) -> None:
+        self.loops.append([])
+
+    def _record(self, *_: Any) -> None:
+        held = [p._reused for p in self.callback._parametrizations()]
+        self.loops[-1].append(tuple(id(h[1]) if h is not None else 0 for h in held))
+
+    on_validation_start = on_test_start = on_predict_start = _start
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _record
+
+
+@pytest.mark.parametrize("method", ["st3", "str"])
+def test_evaluation_loops_build_each_effective_weight_once_and_let_it_go(method: str) -> None:
+    torch.manual_seed(0)
+    model = EvalNet()
+    callback = (
+        ST3PruningCallback(0.6, start=0, end=4, report=False)
+        if method == "st3"
+        else STRPruningCallback(s_init=-2.0, report=False)
+    )
+    held = _HeldWeights(callback)
+    trainer = quiet_trainer(max_steps=6, val_check_interval=3, limit_val_batches=3, callbacks=[callback, held])
+    trainer.fit(model, random_loader(6), random_loader(3, seed=1))
+    trainer.test(model, random_loader(3, seed=2))
+    predictions = trainer.predict(model, random_loader(3, seed=3))
+    # Sanity check (2 batches), validation after steps 3 and 6, test, predict: in each loop, every batch used the
+    # same held effective weights, one per layer; each loop built its own (the weights moved in between).
+    assert [len(loop) for loop in held.loops] == [2, 3, 3, 3, 3]
+    for loop in held.loops:
+        assert all(ids == loop[0] for ids in loop)
+        assert 0 not in loop[0]
+    assert len({loop[0] for loop in held.loops[:3]}) == 3
+    # Nothing is held once the loops end, and training builds the effective weights every time again.
+    for parametrization in callback._parametrizations():
+        assert not parametrization.reuse_outside_autograd
+        assert parametrization._reused is None
+    # The held effective weights are the current ones: predictions equal those of the model made permanent.
+    permanent = make_permanent(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        expected = [permanent(x) for x, _ in random_loader(3, seed=3)]
+    for got, want in zip(predictions, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_failing_evaluation_loop_lets_the_held_weights_go() -> None:
+    class FailingNet(EvalNet):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self(batch[0])
+            raise RuntimeError("boom")
+
+    callback = ST3PruningCallback(0.6, start=0, end=4, report=False)
+    model = FailingNet()
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, random_loader(2), random_loader(2))
+    for parametrization in callback._parametrizations():
+        assert not parametrization.reuse_outside_autograd
+        assert parametrization._reused is None

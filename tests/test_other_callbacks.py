@@ -15,9 +15,11 @@ from lightning.pytorch.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
     StochasticWeightAveraging,
+    WeightAveraging,
 )
 from lightning.pytorch.tuner import Tuner
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, load_sparse_weights, num_pruned
@@ -189,3 +191,33 @@ def test_a_second_fit_with_the_same_callback_restarts_the_schedule() -> None:
     assert [row["target_sparsity"] for row in callback.history] == [row["target_sparsity"] for row in first]
     assert callback.history[0]["threshold"] == 0.0  # dense again at step 0
     assert callback.measure_sparsity()[0] == pytest.approx(0.8, abs=0.002)
+
+
+class _HeldWeightsAreCurrent(Callback):
+    """After every validation batch: the effective weights held for reuse are those of the current raw weights."""
+
+    def __init__(self, callback: ST3PruningCallback) -> None:
+        self.callback = callback
+        self.checked = 0
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *_: Any) -> None:
+        for layer in self.callback.layers.values():
+            parametrization = find_st3_parametrization(layer)
+            assert parametrization._reused is not None
+            assert torch.equal(parametrization._reused[1], parametrization.effective(raw_weight(layer)))
+            self.checked += 1
+
+
+def test_weight_averaging_validates_with_the_averaged_effective_weights() -> None:
+    # Lightning's WeightAveraging (EMA here) swaps the averaged values in through `.data`, which version counters do
+    # not see, at the start of each validation epoch, and back at its end: the effective weights reused across the
+    # validation batches are built after the swap, from the averaged values.
+    torch.manual_seed(0)
+    callback = ST3PruningCallback(0.6, start=0, end=4, report=False)
+    averaging = WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    checker = _HeldWeightsAreCurrent(callback)
+    trainer = quiet_trainer(
+        max_steps=6, val_check_interval=3, limit_val_batches=3, callbacks=[callback, averaging, checker]
+    )
+    trainer.fit(EvalNet(), random_loader(6), random_loader(3, seed=1))
+    assert checker.checked == (2 + 3 + 3) * 2  # sanity check and two validations, two layers

@@ -4,6 +4,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree import SoftThresholdParametrization, channel_rescale, effective_weight
+from lightning_stthree.parametrization import SparseParametrization, register_sparse_parametrization
+from lightning_stthree.str_pruning import STRParametrization
 
 W = torch.tensor([[0.5, -0.2, 0.1, -0.05], [0.3, 0.01, -0.4, 0.02]])
 T = torch.tensor(0.15)
@@ -195,3 +197,101 @@ def test_a_layer_called_twice_before_backward_gets_the_exact_straight_through_gr
     linear = torch.nn.functional.linear
     linear(linear(x, effective) @ weight, effective).square().sum().backward()
     torch.testing.assert_close(layer.parametrizations.weight.original.grad, effective.grad, rtol=1e-5, atol=1e-6)
+
+
+def _counted_layer(parametrization: SparseParametrization) -> tuple[nn.Linear, list[int]]:
+    """A Linear layer carrying ``parametrization``, and a list counting the effective weights it builds."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    register_sparse_parametrization(layer, parametrization)
+    built = [0]
+    original = parametrization.effective
+
+    def counted(weight: torch.Tensor) -> torch.Tensor:
+        built[0] += 1
+        return original(weight)
+
+    parametrization.effective = counted  # type: ignore[method-assign]
+    return layer, built
+
+
+def test_reuse_outside_autograd_builds_the_effective_weight_once_until_something_changes() -> None:
+    parametrization = SoftThresholdParametrization()
+    layer, built = _counted_layer(parametrization)
+    parametrization.threshold.fill_(0.2)
+    raw = layer.parametrizations.weight.original
+
+    def expected() -> torch.Tensor:
+        return effective_weight(raw.detach(), parametrization.threshold)
+
+    with torch.no_grad():
+        _ = layer.weight, layer.weight
+    assert built[0] == 2  # off by default: built at every read
+    parametrization.reuse_outside_autograd = True
+    with torch.inference_mode():
+        first = layer.weight
+        assert layer.weight is first
+        assert built[0] == 3
+    with torch.no_grad():
+        assert layer.weight is first
+        raw.mul_(2.0)  # an optimizer-like in-place update moves the raw weight's version
+        torch.testing.assert_close(layer.weight, expected())
+        assert built[0] == 4
+        parametrization.threshold.fill_(0.5)  # so does a new threshold
+        torch.testing.assert_close(layer.weight, expected())
+        parametrization.rescale = False  # and a new setting
+        torch.testing.assert_close(
+            layer.weight, effective_weight(raw.detach(), parametrization.threshold, rescale=False)
+        )
+        assert built[0] == 6
+    layer.double()  # new memory for the raw weight
+    with torch.no_grad():
+        assert layer.weight.dtype == torch.float64
+        assert built[0] == 7
+    # Under autograd the effective weight is built every time (its graph must be the current one) and the held one
+    # is dropped.
+    layer.weight.sum().backward()
+    assert built[0] == 8
+    assert parametrization._reused is None
+    with torch.no_grad():
+        _ = layer.weight
+    assert parametrization._reused is not None
+    parametrization.stop_reusing()
+    assert parametrization._reused is None
+    assert not parametrization.reuse_outside_autograd
+
+
+def test_reuse_outside_autograd_sees_the_fine_tune_mask_and_str_thresholds() -> None:
+    parametrization = SoftThresholdParametrization()
+    layer, built = _counted_layer(parametrization)
+    parametrization.reuse_outside_autograd = True
+    raw = layer.parametrizations.weight.original
+    mask = torch.rand(raw.shape) > 0.5
+    with torch.no_grad():
+        _ = layer.weight
+        parametrization.freeze(mask)
+        assert torch.equal(layer.weight, torch.where(mask, raw, 0.0))
+    assert built[0] == 2
+    str_parametrization = STRParametrization(s_init=-3.0)
+    str_layer, str_built = _counted_layer(str_parametrization)
+    str_parametrization.reuse_outside_autograd = True
+    with torch.no_grad():
+        _ = str_layer.weight
+        str_parametrization.s.fill_(-1.0)  # the optimizer moves `s`
+        raw = str_layer.parametrizations.weight.original
+        assert torch.equal(str_layer.weight == 0, raw.abs() <= torch.sigmoid(torch.tensor(-1.0)))
+    assert str_built[0] == 2
+
+
+def test_reuse_outside_autograd_sees_new_memory_at_the_same_version() -> None:
+    parametrization = SoftThresholdParametrization()
+    layer, built = _counted_layer(parametrization)
+    parametrization.reuse_outside_autograd = True
+    raw = layer.parametrizations.weight.original
+    with torch.no_grad():
+        _ = layer.weight
+        version = raw._version
+        raw.data = torch.ones_like(raw)  # new memory, same version: only the address moved
+        assert raw._version == version
+        assert torch.equal(layer.weight, torch.ones_like(raw))
+    assert built[0] == 2
