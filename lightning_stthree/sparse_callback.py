@@ -187,7 +187,9 @@ class SparseTrainingCallback(Callback):
         self._reuse_effective_weights(False)
 
     # Validation, test and predict loops do not change the weights between batches: each layer builds its effective
-    # weight once per loop instead of once per batch (`SparseParametrization.reuse_outside_autograd`).
+    # weight once per loop instead of once per batch (`SparseParametrization.reuse_outside_autograd`). Not for sharded
+    # weights (FSDP2): the forward pass sees each layer's gathered weight, and holding all of them would undo the
+    # sharding's memory savings (and in a test run, reusing them put the ranks' collectives out of step).
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -214,6 +216,8 @@ class SparseTrainingCallback(Callback):
         self._reuse_effective_weights(False)
 
     def _reuse_effective_weights(self, reuse: bool) -> None:
+        if reuse and any(is_dtensor(self._raw_of(layer)) for layer in self._layers.values()):
+            return
         for parametrization in self._parametrizations():
             if reuse:
                 parametrization.reuse_outside_autograd = True

@@ -75,6 +75,9 @@ class ConvMLP(pl.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self(batch[0])
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
@@ -84,6 +87,17 @@ class ConvMLP(pl.LightningModule):
         dataset = random_loader(STEPS_PER_EPOCH, batch_size=SAMPLES_PER_STEP).dataset
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=SAMPLES_PER_STEP // world, sampler=sampler)
+
+
+class _HeldInValidation(pl.Callback):
+    """Whether any layer held an effective weight for reuse after a validation batch (not under FSDP2)."""
+
+    def __init__(self, callback: ST3PruningCallback) -> None:
+        self.callback = callback
+        self.held: list[bool] = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        self.held.append(any(p._reused is not None for p in self.callback._parametrizations()))
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,6 +164,12 @@ def main() -> None:
             "effective": {name: _full(pruned_tensor(layer)) for name, layer in layers.items()},
             "sharded": {name: is_dtensor(raw_weight(layer)) for name, layer in layers.items()},
         }
+    if args.method == "st3" and not args.make_permanent:
+        # After the run: a validation loop, to see whether the effective weights were held for reuse.
+        held = _HeldInValidation(callback)
+        trainer.callbacks.append(held)
+        trainer.validate(model, dataloaders=model.train_dataloader(), verbose=False)
+        result["held_in_validation"] = held.held
     torch.save(result, args.out_dir / f"rank{trainer.global_rank}.pt")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import free_port, run_script
+from sharded_run import STEPS_PER_EPOCH
 
 from lightning_stthree import load_sparse_weights
 from lightning_stthree.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
@@ -96,6 +97,9 @@ def test_two_process_training_matches_the_single_process_run(
     (_, (single,)), (_, ranks) = runs["single"], runs[strategy]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert all(all(r["sharded"].values()) == (strategy == "fsdp") for r in ranks)
+    # A validation loop holds the effective weights for reuse, except with sharded weights (FSDP2).
+    assert single["held_in_validation"] == [True] * STEPS_PER_EPOCH
+    assert all(r["held_in_validation"] == [strategy == "ddp"] * STEPS_PER_EPOCH for r in ranks)
     # Every rank holds the same thresholds and (gathered) weights, bitwise.
     for other in ranks[1:]:
         assert other["thresholds"] == ranks[0]["thresholds"]
