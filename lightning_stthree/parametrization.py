@@ -199,8 +199,9 @@ class SparseParametrization(nn.Module):
             callbacks set it for their trainer's validation, test and predict loops, where the weights do not change
             from batch to batch, and unset it at the end of each loop (:meth:`stop_reusing`). It costs one effective
             weight per layer held for the loop (1x the pruned weights). In-place changes through ``.data``, which
-            version counters do not see, are not detected. Off by default; never under autograd, ``torch.compile``
-            or sharded (DTensor) weights.
+            version counters do not see, are not detected. Off by default; never under autograd or
+            ``torch.compile``, nor for a DTensor weight (the callbacks leave it off when the raw weights are sharded
+            by FSDP2, whose forward passes see each layer's gathered weight).
     """
 
     def __init__(self) -> None:
