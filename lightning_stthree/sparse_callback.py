@@ -191,29 +191,14 @@ class SparseTrainingCallback(Callback):
     # weights (FSDP2): the forward pass sees each layer's gathered weight, and holding all of them would undo the
     # sharding's memory savings (and in a test run, reusing them put the ranks' collectives out of step).
 
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _start_reusing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reuse_effective_weights(True)
 
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _stop_reusing(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reuse_effective_weights(False)
 
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reuse_effective_weights(True)
-
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reuse_effective_weights(False)
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reuse_effective_weights(True)
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._reuse_effective_weights(False)
+    on_validation_start = on_test_start = on_predict_start = _start_reusing
+    on_validation_end = on_test_end = on_predict_end = _stop_reusing
 
     def _reuse_effective_weights(self, reuse: bool) -> None:
         if reuse and any(is_dtensor(self._raw_of(layer)) for layer in self._layers.values()):
