@@ -44,8 +44,8 @@ import torch
 from torch.utils.data import Subset
 
 from lightning_stthree import ST3PruningCallback, STRPruningCallback, sparsity_report
-from lightning_stthree.data import FashionMNISTDataModule
-from lightning_stthree.models import ImageClassifier
+from lightning_stthree.recipes.data import FashionMNISTDataModule
+from lightning_stthree.recipes.models import ImageClassifier
 
 METHODS = ("dense", "gmp", "st3", "st3_sigma", "str")
 SPARSITIES = (0.9, 0.95, 0.98)

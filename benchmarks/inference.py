@@ -7,7 +7,7 @@ Models (eval mode, float32, on the CPU, or on the GPU when one is present):
 
 - ``mlp``: 8 x ``Linear(4096, 4096)`` with ReLU;
 - ``transformer``: ``nn.TransformerEncoder``, 4 layers, d_model 512, 8 heads, feed-forward 2048, 32 tokens;
-- ``resnet20``: the CIFAR ResNet-20 of ``lightning_stthree.models`` at 32x32;
+- ``resnet20``: the CIFAR ResNet-20 of ``lightning_stthree.recipes.models`` at 32x32;
 - ``resnet18``: torchvision's ResNet-18 (1000 classes) at 224x224.
 
 Each model is pruned once at its random initialisation with the package's own global threshold (ST-3 sigma's
@@ -42,10 +42,10 @@ from lightning_stthree import (
     sparsity_report,
     to_sparse_inference,
 )
+from lightning_stthree.core.threshold import global_threshold, layer_score_factor
 from lightning_stthree.inference import interleaved_times
-from lightning_stthree.models import cifar_resnet
-from lightning_stthree.parametrization import raw_weight
-from lightning_stthree.threshold import global_threshold, layer_score_factor
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.recipes.models import cifar_resnet
 
 
 def _mlp() -> nn.Module:

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from threshold_selection import shapes
 
-from lightning_stthree.threshold import global_threshold
+from lightning_stthree.core.threshold import global_threshold
 
 SPARSITY = 0.9
 

@@ -27,10 +27,11 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_stthree.models import cifar_resnet
-from lightning_stthree.parametrization import raw_weight, register_st3_parametrization
-from lightning_stthree.selection import PIVOT_WINDOW, pivot_window
-from lightning_stthree.threshold import global_threshold
+from lightning_stthree.core.selection import PIVOT_WINDOW, pivot_window
+from lightning_stthree.core.threshold import global_threshold
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.st3 import register_st3_parametrization
+from lightning_stthree.recipes.models import cifar_resnet
 
 PHASES = ("selection", "forward", "backward", "optimizer")
 

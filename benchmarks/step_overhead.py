@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stthree import ST3PruningCallback
-from lightning_stthree.models import cifar_resnet
+from lightning_stthree.recipes.models import cifar_resnet
 
 CONFIGS = {
     "resnet20": {"batch": 128, "size": 32, "build": lambda: cifar_resnet(20)},

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from lightning_stthree.selection import pivot_window
-from lightning_stthree.threshold import global_threshold, num_pruned
+from lightning_stthree.core.selection import pivot_window
+from lightning_stthree.core.threshold import global_threshold, num_pruned
 
 GPT2_SMALL = [(50257, 768), (1024, 768)] + [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
 
@@ -39,8 +39,8 @@ GPT2_SMALL = [(50257, 768), (1024, 768)] + [(768, 2304), (768, 768), (768, 3072)
 def shapes(size: str) -> list[tuple[int, ...]]:
     import torchvision
 
-    from lightning_stthree.layers import find_prunable_layers
-    from lightning_stthree.models import cifar_resnet
+    from lightning_stthree.core.layers import find_prunable_layers
+    from lightning_stthree.recipes.models import cifar_resnet
 
     if size == "0.27M":
         net = cifar_resnet(20)

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_stthree.distributed import count_per_tensor
-from lightning_stthree.flops import measure_layer_macs
-from lightning_stthree.layers import find_prunable_layers, layer_type, pruned_tensor
-from lightning_stthree.parametrization import find_sparse_parametrization
+from lightning_stthree.core.distributed import count_per_tensor
+from lightning_stthree.core.flops import measure_layer_macs
+from lightning_stthree.core.layers import find_prunable_layers, layer_type, pruned_tensor
+from lightning_stthree.methods.st3 import find_sparse_parametrization
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
 TOTAL_ROW_NAME = "total"
@@ -33,7 +33,7 @@ def sparsity_report(
     Args:
         model: Any model.
         example_input: An example batch to measure MACs with (see
-            :func:`~lightning_stthree.flops.measure_layer_macs`); ignored when ``layer_macs`` is given.
+            :func:`~lightning_stthree.core.flops.measure_layer_macs`); ignored when ``layer_macs`` is given.
         layer_macs: Dense MACs per layer name, if already measured.
 
     With sharded (FSDP2) weights every rank must call it: the zeros are counted shard by shard and all-reduced.

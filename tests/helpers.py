@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stthree.data import IDX_FILES
+from lightning_stthree.recipes.data import IDX_FILES
 
 
 class TinyNet(pl.LightningModule):

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_stthree import ST3PruningCallback, STRPruningCallback
-from lightning_stthree.distributed import is_dtensor
-from lightning_stthree.layers import pruned_tensor
-from lightning_stthree.parametrization import raw_weight
+from lightning_stthree.core.distributed import is_dtensor
+from lightning_stthree.core.layers import pruned_tensor
+from lightning_stthree.methods.parametrization import raw_weight
 
 SAMPLES_PER_STEP, STEPS_PER_EPOCH, EPOCHS = 16, 4, 4
 # Ramp from step 2 to 7, fine-tune phase (frozen mask) from step 9; checkpoints at the end of each epoch.

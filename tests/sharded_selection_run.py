@@ -22,12 +22,12 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from lightning_stthree.distributed import count_per_tensor
+from lightning_stthree.core.distributed import count_per_tensor
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from sharded_threshold import count_all_reduce_bytes  # the benchmark's own byte count
 
-from lightning_stthree.threshold import (
+from lightning_stthree.core.threshold import (
     global_threshold,
     nonfinite_counts,
     num_pruned,

@@ -19,7 +19,7 @@ from lightning_stthree import (
     register_st3_parametrization,
     sparse_state_dict,
 )
-from lightning_stthree.layers import pruned_tensor
+from lightning_stthree.core.layers import pruned_tensor
 
 
 def _small_vit() -> VisionTransformer:

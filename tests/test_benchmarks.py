@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 from helpers import free_port, make_tiny_idx_dataset, run_script
 
-from lightning_stthree.data import DEBIAN_FASHION_MNIST_DIR
+from lightning_stthree.recipes.data import DEBIAN_FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

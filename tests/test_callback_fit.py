@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree import SoftThresholdParametrization, ST3PruningCallback, STRPruningCallback, make_permanent
-from lightning_stthree.sparse_callback import SparseTrainingCallback
+from lightning_stthree.callbacks.base import SparseTrainingCallback
 
 
 def _effective_sparsity(layers: list[nn.Module]) -> float:

@@ -8,8 +8,8 @@ from helpers import make_tiny_idx_dataset, quiet_trainer, write_idx
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from lightning_stthree import data as data_module
-from lightning_stthree.data import (
+from lightning_stthree.recipes import data as data_module
+from lightning_stthree.recipes.data import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,

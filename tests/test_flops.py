@@ -19,10 +19,10 @@ from lightning_stthree import (
     find_prunable_layers,
     format_report,
     make_permanent,
-    measure_layer_macs,
     sparsity_report,
     weighted_global_threshold,
 )
+from lightning_stthree.core.flops import measure_layer_macs
 
 
 def test_resnet50_dense_macs_match_the_paper_convention() -> None:

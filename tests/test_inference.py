@@ -12,16 +12,19 @@ from torch import nn
 from torchvision.models import VisionTransformer
 
 from lightning_stthree import (
-    SparseConv2d,
-    SparseLinear,
-    SparseMultiheadAttention,
     inference,
     make_permanent,
     register_st3_parametrization,
     restore_sparse_inference,
     to_sparse_inference,
 )
-from lightning_stthree.inference import conv_weight_to_csr, dense_to_csr
+from lightning_stthree.inference import (
+    SparseConv2d,
+    SparseLinear,
+    SparseMultiheadAttention,
+    conv_weight_to_csr,
+    dense_to_csr,
+)
 
 
 def _sparsify(model: nn.Module, sparsity: float = 0.9, seed: int = 0) -> nn.Module:

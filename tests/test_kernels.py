@@ -9,14 +9,9 @@ from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
-from lightning_stthree import (
-    ST3PruningCallback,
-    effective_weight,
-    global_threshold,
-    register_st3_parametrization,
-    selection,
-)
-from lightning_stthree import kernels as kernels_module
+from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, register_st3_parametrization
+from lightning_stthree.core import kernels as kernels_module
+from lightning_stthree.core import selection
 
 
 def _graphs(function: Any) -> int:

@@ -17,7 +17,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stthree.models import CIFAR_RESNETS, ImageClassifier, SmallCNN, build_model, cifar_resnet, lr_factor_fn
+from lightning_stthree.recipes.models import (
+    CIFAR_RESNETS,
+    ImageClassifier,
+    SmallCNN,
+    build_model,
+    cifar_resnet,
+    lr_factor_fn,
+)
 
 
 def _num_parameters(model: nn.Module) -> int:

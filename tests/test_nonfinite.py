@@ -8,16 +8,11 @@ import torch
 from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_stthree import (
-    NonFiniteScoresError,
-    ST3PruningCallback,
-    global_threshold,
-    nonfinite_counts,
-    selection,
-    weighted_global_threshold,
-)
-from lightning_stthree import callback as callback_module
-from lightning_stthree.parametrization import raw_weight
+from lightning_stthree import NonFiniteScoresError, ST3PruningCallback, global_threshold, weighted_global_threshold
+from lightning_stthree.callbacks import st3 as callback_module
+from lightning_stthree.core import selection
+from lightning_stthree.core.threshold import nonfinite_counts
+from lightning_stthree.methods.parametrization import raw_weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

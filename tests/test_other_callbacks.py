@@ -22,8 +22,10 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, load_sparse_weights, num_pruned
-from lightning_stthree.parametrization import find_st3_parametrization, raw_weight
+from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, load_sparse_weights
+from lightning_stthree.core.threshold import num_pruned
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.st3 import find_st3_parametrization
 
 
 def _pruned_count(callback: ST3PruningCallback) -> tuple[int, int]:

@@ -4,8 +4,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree import SoftThresholdParametrization, channel_rescale, effective_weight
-from lightning_stthree.parametrization import SparseParametrization, register_sparse_parametrization
-from lightning_stthree.str_pruning import STRParametrization
+from lightning_stthree.methods.st3 import SparseParametrization, register_sparse_parametrization
+from lightning_stthree.methods.str import STRParametrization
 
 W = torch.tensor([[0.5, -0.2, 0.1, -0.05], [0.3, 0.01, -0.4, 0.02]])
 T = torch.tensor(0.15)

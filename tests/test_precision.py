@@ -8,8 +8,10 @@ import torch
 from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_stthree import ST3PruningCallback, layer_score_factor
-from lightning_stthree.parametrization import find_st3_parametrization, raw_weight
+from lightning_stthree import ST3PruningCallback
+from lightning_stthree.core.threshold import layer_score_factor
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.st3 import find_st3_parametrization
 
 
 class _ForwardDtypes(Callback):

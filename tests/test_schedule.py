@@ -3,7 +3,8 @@ import math
 import pytest
 from helpers import cubic_reference
 
-from lightning_stthree import cubic_sparsity, resolve_step
+from lightning_stthree import cubic_sparsity
+from lightning_stthree.core.schedule import resolve_step
 
 
 @pytest.mark.parametrize(

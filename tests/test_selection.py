@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_stthree import selection
-from lightning_stthree.selection import select_threshold
-from lightning_stthree.threshold import global_threshold, layer_score_factor
+from lightning_stthree.core import selection
+from lightning_stthree.core.selection import select_threshold
+from lightning_stthree.core.threshold import global_threshold, layer_score_factor
 
 
 def _reference(weights: list[torch.Tensor], factors: list[float], k: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from helpers import free_port, run_script
 from sharded_run import STEPS_PER_EPOCH
 
 from lightning_stthree import load_sparse_weights
-from lightning_stthree.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
+from lightning_stthree.core.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
 
 HERE = Path(__file__).parent
 RUN = HERE / "sharded_run.py"

@@ -12,8 +12,8 @@ import yaml
 from helpers import make_tiny_idx_dataset
 
 from lightning_stthree import SparseTrainingCallback, ST3PruningCallback, STRPruningCallback
-from lightning_stthree.cli import DEFAULT_CONFIG, main
-from lightning_stthree.models import ImageClassifier
+from lightning_stthree.recipes.cli import DEFAULT_CONFIG, main
+from lightning_stthree.recipes.models import ImageClassifier
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -158,7 +158,7 @@ def test_fashion_mnist_recipes_run_on_tiny_local_idx_files(tmp_path: Path, recip
 
 
 def test_missing_dataset_error_reaches_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_stthree import data
+    from lightning_stthree.recipes import data
 
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
     with pytest.raises(FileNotFoundError, match=r"(?s)Fashion-MNIST.*no-debian-package.*apt-get install"):
@@ -209,7 +209,7 @@ def test_model_that_does_not_fit_the_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"HINT: pass --model.init_args.image_size 28 \(got 8\)"):
         _fit_default(
             tmp_path,
-            "--data=lightning_stthree.data.FashionMNISTDataModule",
+            "--data=lightning_stthree.recipes.data.FashionMNISTDataModule",
             f"--data.init_args.data_dir={tmp_path / 'fashion'}",
         )
 

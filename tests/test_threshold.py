@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_stthree import global_threshold, layer_score_factor, num_pruned
+from lightning_stthree import global_threshold
+from lightning_stthree.core.threshold import layer_score_factor, num_pruned
 
 SHAPES = [(16, 3, 3, 3), (32, 16, 3, 3), (10, 288), (7,)]
 

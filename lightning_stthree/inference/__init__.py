@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_stthree.export import make_permanent
-from lightning_stthree.layers import find_prunable_layers, pruned_tensor
+from lightning_stthree.core.layers import find_prunable_layers, pruned_tensor
+from lightning_stthree.methods.export import make_permanent
 from lightning_stthree.report import format_table
 
 # Default ratio dense time / sparse time a layer must reach to be converted: a margin over timing noise so that a

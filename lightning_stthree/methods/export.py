@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_stthree.parametrization import RAW_KEY_PATTERN, find_sparse_parametrization, remove_st3_parametrization
+from lightning_stthree.methods.parametrization import RAW_KEY_PATTERN, remove_sparse_parametrization
+from lightning_stthree.methods.st3 import find_sparse_parametrization
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -43,7 +44,7 @@ def make_permanent(model: ModuleT) -> ModuleT:
     """
     for module in model.modules():
         if find_sparse_parametrization(module) is not None:
-            remove_st3_parametrization(module)
+            remove_sparse_parametrization(module)
     return model
 
 

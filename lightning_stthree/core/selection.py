@@ -18,7 +18,7 @@ Scores are produced in chunks of :data:`CHUNK_SIZE` elements, so the extra memor
 (plus the candidates) whatever the model's size. Everything runs on the weights' device (CPU or GPU).
 
 Sharded weights (DTensors, FSDP2): every rank builds both histograms over its own shards and the histograms are
-all-reduced (:mod:`~lightning_stthree.distributed`), so each update communicates ``2 * 65536`` float64 counts (1 MiB)
+all-reduced (:mod:`~lightning_stthree.core.distributed`), so each update communicates ``2 * 65536`` float64 counts (1 MiB)
 whatever the number of weights, and every rank gets the threshold a single process gets on the whole weights (the
 counts are exact). The near-pivot pass is skipped there: its candidates would have to be gathered.
 """
@@ -32,8 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_stthree.distributed import Reduce, local_parts
-from lightning_stthree.kernels import compiled, scores_of, window_column_counts
+from lightning_stthree.core.distributed import Reduce, local_parts
+from lightning_stthree.core.kernels import compiled, scores_of, window_column_counts
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
 CHUNK_SIZE = 1 << 22
@@ -154,7 +154,7 @@ def _near_pivot_eager(weights: Sequence[Tensor], factors: Sequence[float], low: 
 
 
 def _near_pivot_fused(weights: Sequence[Tensor], factors: Sequence[float], low: Tensor, high: Tensor) -> _Window:
-    """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.kernels.compiled`).
+    """:func:`_near_pivot_eager` with one compiled kernel per tensor (:func:`~lightning_stthree.core.kernels.compiled`).
 
     Each weight is read as ``FUSED_ROWS`` rows of many columns; the kernel counts the scores ``<= low`` and marks, per
     column, the rows whose score is in the window. Only the few marked columns of each tensor are kept (its marks,
@@ -190,9 +190,9 @@ def _read_marked(
     views: Sequence[Tensor], factors: Tensor, group: Sequence[tuple[int, Tensor, Tensor]], low: Tensor, high: Tensor
 ) -> tuple[Tensor, list[int]]:
     """The in-window scores of a group of tensors, tensor after tensor, and how many each tensor has, from the marked
-    columns and marks of :func:`~lightning_stthree.kernels.window_column_counts`: one decode for the group, one
+    columns and marks of :func:`~lightning_stthree.core.kernels.window_column_counts`: one decode for the group, one
     gather per tensor, and the scores recomputed with the kernel's own formula
-    (:func:`~lightning_stthree.kernels.scores_of`)."""
+    (:func:`~lightning_stthree.core.kernels.scores_of`)."""
     device = low.device
     indices = [i for i, _, _ in group]
     marks = torch.cat([m for _, _, m in group])
@@ -311,7 +311,7 @@ def select_threshold(
         pivot: The previous threshold, if any: tried first as described in the module docstring.
         window: Half-width of the window around ``pivot``, relative to it, in ``(0, 1)``.
         compile_kernels: Count the scores around ``pivot`` with one fused kernel per tensor
-            (:mod:`~lightning_stthree.kernels`); the counts, and so the result, are the same.
+            (:mod:`~lightning_stthree.core.kernels`); the counts, and so the result, are the same.
         check_finite: Check that the scores of each tensor sum to a finite number before selecting (a threshold
             over NaN or Inf scores means nothing). Free with ``compile_kernels`` near ``pivot`` (the fused pass sums
             as it counts), otherwise one sum per tensor (:func:`nonfinite_sums`).

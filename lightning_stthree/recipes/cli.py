@@ -1,6 +1,6 @@
 """``stthree``: the LightningCLI of lightning-stthree (``fit``, ``validate``, ``test``, ``predict``).
 
-``stthree fit`` with no arguments trains the embedded default (``lightning_stthree/configs/default.yaml``: a small CNN
+``stthree fit`` with no arguments trains the embedded default (``lightning_stthree/recipes/configs/default.yaml``: a small CNN
 on scikit-learn's 8x8 digits, 90% sparsity) and prints a summary. Any LightningModule and LightningDataModule can be
 given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``ST3PruningCallback`` (or
 ``STRPruningCallback``) is configured under ``trainer.callbacks`` like any callback.
@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_stthree.callback import ST3PruningCallback
-from lightning_stthree.sparse_callback import SparseTrainingCallback
+from lightning_stthree.callbacks.base import SparseTrainingCallback
+from lightning_stthree.callbacks.st3 import ST3PruningCallback
 
-DEFAULT_CONFIG = resources.files("lightning_stthree") / "configs" / "default.yaml"
+DEFAULT_CONFIG = resources.files("lightning_stthree.recipes") / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 INSTALL_HINT = 'the stthree command needs the `cli` extra: pip install "lightning-stthree[cli]"'
 # Attributes of the shipped DataModules that the shipped ImageClassifier must agree with.
@@ -59,8 +59,8 @@ def check_model_matches_data(model: LightningModule, datamodule: LightningDataMo
     Raises:
         ValueError: Naming each mismatched argument and the command-line option that fixes it.
     """
-    from lightning_stthree.data import ImageDataModule
-    from lightning_stthree.models import ImageClassifier
+    from lightning_stthree.recipes.data import ImageDataModule
+    from lightning_stthree.recipes.models import ImageClassifier
 
     if not isinstance(model, ImageClassifier) or not isinstance(datamodule, ImageDataModule):
         return

@@ -1,8 +1,8 @@
 """Fused kernels for ST-3's two passes over every prunable weight per step (opt-in: ``compile_kernels=True``).
 
 An ST-3 step reads each raw weight twice: once to count the scores around the last threshold (the global selection,
-:mod:`~lightning_stthree.selection`) and once to build the effective weight (the forward pass,
-:mod:`~lightning_stthree.parametrization`). In eager PyTorch each of those is a chain of elementwise operations, each
+:mod:`~lightning_stthree.core.selection`) and once to build the effective weight (the forward pass,
+:mod:`~lightning_stthree.methods.st3`). In eager PyTorch each of those is a chain of elementwise operations, each
 a full pass over the weight with its own temporary (about ten for the effective weight), plus a fixed dispatch cost
 per operation that dominates for small layers. :func:`compiled` turns a plain function of this package into one
 fused kernel per pass with ``torch.compile`` (Inductor: C++/OpenMP on a CPU, Triton on a GPU).

@@ -26,10 +26,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
-from lightning_stthree.distributed import count_per_tensor, follow_parametrization, is_dtensor
-from lightning_stthree.export import make_permanent
-from lightning_stthree.flops import measure_layer_macs, sparse_macs
-from lightning_stthree.layers import (
+from lightning_stthree.core.distributed import count_per_tensor, follow_parametrization, is_dtensor
+from lightning_stthree.core.flops import measure_layer_macs, sparse_macs
+from lightning_stthree.core.layers import (
     PRUNABLE_TYPES,
     find_prunable_layers,
     pruned_tensor,
@@ -38,13 +37,9 @@ from lightning_stthree.layers import (
     validate_exclude,
     validate_include_types,
 )
-from lightning_stthree.parametrization import (
-    RAW_KEY_PATTERN,
-    SparseParametrization,
-    find_sparse_parametrization,
-    raw_weight,
-    remove_st3_parametrization,
-)
+from lightning_stthree.methods.export import make_permanent
+from lightning_stthree.methods.parametrization import RAW_KEY_PATTERN, raw_weight, remove_sparse_parametrization
+from lightning_stthree.methods.st3 import SparseParametrization, find_sparse_parametrization
 from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
 from lightning_stthree.report import format_report, report_cells, sparsity_report
 
@@ -217,7 +212,7 @@ class SparseTrainingCallback(Callback):
         for module in self._plain_before_stage:
             if find_sparse_parametrization(module) is not None and is_dtensor(raw_weight(module)):
                 continue  # FSDP2 manages the raw weight where it is now: the layer stays parametrized
-            remove_st3_parametrization(module)
+            remove_sparse_parametrization(module)
         self._plain_before_stage = []
 
     @override

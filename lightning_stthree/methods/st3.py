@@ -1,24 +1,26 @@
-"""The ST-3 weight parametrization: soft threshold, channel rescale and straight-through gradient.
+"""ST-3's effective weight: soft threshold, channel rescale and straight-through gradient (arXiv:2212.01076).
 
-ST-3 (arXiv:2212.01076) never changes a layer's class. Each prunable weight gets a ``torch.nn.utils.parametrize``
-parametrization that turns the raw weight ``w`` (stored as ``parametrizations.weight.original``) into the effective
-weight used by the forward pass. The maths lives in :func:`effective_weight`; :class:`SoftThresholdParametrization`
-only holds the per-layer threshold buffer and chooses the gradient.
+ST-3 never changes a layer's class. Each prunable weight gets a :class:`SoftThresholdParametrization` (through the
+shared machinery of :mod:`~lightning_stthree.methods.parametrization`) that turns the raw weight ``w`` (stored as
+``parametrizations.weight.original``) into the effective weight used by the forward pass. The maths lives in
+:func:`effective_weight`; the parametrization only holds the per-layer threshold buffer and chooses the gradient.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from lightning_stthree.distributed import is_dtensor, on_local_rows
-from lightning_stthree.kernels import compiled
-from lightning_stthree.layers import pruned_tensor, pruned_tensor_name
+from lightning_stthree.core.distributed import is_dtensor, on_local_rows
+from lightning_stthree.core.kernels import compiled
+from lightning_stthree.methods.parametrization import (
+    SparseParametrization,
+    find_sparse_parametrization,
+    register_sparse_parametrization,
+)
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
 # channel-mean ratio defined for all-zero channels, and the offset that bounds the scale by 1.01 / 0.01 = 101.
@@ -164,7 +166,7 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
     """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator).
 
     With ``fused``, the forward pass is :func:`effective_weight` compiled into one kernel
-    (:func:`~lightning_stthree.kernels.compiled`), except while the caller's own ``torch.compile`` traces it (its
+    (:func:`~lightning_stthree.core.kernels.compiled`), except while the caller's own ``torch.compile`` traces it (its
     graph then holds the eager operations, which it fuses itself).
     """
 
@@ -185,75 +187,6 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
         return grad_output, None, None, None, None
 
 
-class SparseParametrization(nn.Module):
-    """Base of this package's weight parametrizations: what the callbacks, reports and exports rely on.
-
-    A subclass turns the raw weight into the effective (sparse) weight in :meth:`effective` and says which raw entries
-    it zeroes (:meth:`pruned`), so that the sparsity can be measured without building the effective weight.
-
-    Attributes:
-        reuse_outside_autograd: While ``True``, a forward pass run without autograd (``torch.no_grad()``,
-            ``torch.inference_mode()``) returns the effective weight the previous such pass built, as long as the raw
-            weight and this parametrization's own tensors (threshold, mask, ``s``) are the same tensors, in the same
-            memory, not modified in place since (their version counters), and the settings are the same. The
-            callbacks set it for their trainer's validation, test and predict loops, where the weights do not change
-            from batch to batch, and unset it at the end of each loop (:meth:`stop_reusing`). It costs one effective
-            weight per layer held for the loop (1x the pruned weights). In-place changes through ``.data``, which
-            version counters do not see, are not detected. Off by default; never under autograd or
-            ``torch.compile``, nor for a DTensor weight (the callbacks leave it off when the raw weights are sharded
-            by FSDP2, whose forward passes see each layer's gathered weight).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reuse_outside_autograd = False
-        self._reused: tuple[tuple[Any, ...], Tensor] | None = None
-
-    def forward(self, weight: Tensor) -> Tensor:
-        """Return the effective weight for the raw ``weight`` (:meth:`effective`, or the one reused, see
-        ``reuse_outside_autograd``)."""
-        if torch.compiler.is_compiling() or not self.reuse_outside_autograd:
-            return self.effective(weight)
-        if torch.is_grad_enabled() or is_dtensor(weight):
-            self._reused = None
-            return self.effective(weight)
-        key = self._reuse_key(weight)
-        if self._reused is None or self._reused[0] != key:
-            self._reused = None  # free the stale one before building the new one
-            self._reused = (key, self.effective(weight))
-        return self._reused[1]
-
-    def _reuse_key(self, weight: Tensor) -> tuple[Any, ...]:
-        tensors = (weight, *self.parameters(recurse=False), *self.buffers(recurse=False))
-        return (*((id(t), t.data_ptr(), t._version) for t in tensors), *self._settings())
-
-    def _settings(self) -> tuple[Any, ...]:
-        """The plain-Python settings the effective weight depends on (part of the reuse key)."""
-        return ()
-
-    def stop_reusing(self) -> None:
-        """Unset ``reuse_outside_autograd`` and drop the effective weight held for reuse."""
-        self.reuse_outside_autograd = False
-        self._reused = None
-
-    def effective(self, weight: Tensor) -> Tensor:
-        """The effective weight for the raw ``weight``."""
-        raise NotImplementedError
-
-    @property
-    def frozen(self) -> bool:
-        """Whether a fixed mask decides what is pruned (fine-tune phase)."""
-        return False
-
-    def pruned(self, weight: Tensor) -> Tensor:
-        """Boolean mask of the raw ``weight`` entries whose effective value is exactly zero."""
-        raise NotImplementedError
-
-    def missing_state(self) -> dict[str, Tensor]:
-        """Values for this parametrization's state-dict entries when a plain (dense) state dict is loaded."""
-        return {}
-
-
 class SoftThresholdParametrization(SparseParametrization):
     """Parametrization registered on a prunable ``weight`` by :class:`~lightning_stthree.ST3PruningCallback`.
 
@@ -271,7 +204,7 @@ class SoftThresholdParametrization(SparseParametrization):
             grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
         rescale: Per-output-channel rescale of :func:`channel_rescale`.
         compile_kernels: With ``straight_through``, build the effective weight with one fused kernel
-            (:mod:`~lightning_stthree.kernels`; needs ``torch.compile`` to work here) instead of a chain of eager
+            (:mod:`~lightning_stthree.core.kernels`; needs ``torch.compile`` to work here) instead of a chain of eager
             operations. Same values up to float rounding.
 
     Example::
@@ -365,147 +298,10 @@ class SoftThresholdParametrization(SparseParametrization):
         return flags + (", frozen=True" if self.frozen else "")
 
 
-# A parametrized tensor's raw value in a state dict: `<module prefix>parametrizations.<tensor name>.original`.
-RAW_KEY_PATTERN = re.compile(r"^(?P<prefix>.*?)parametrizations\.(?P<name>[^.]+)\.original$")
-
-
-def _raw_key(name: str) -> str:
-    """State-dict key of the raw tensor ``name`` of a parametrized module, relative to the module's prefix."""
-    return f"parametrizations.{name}.original"
-
-
-def find_sparse_parametrization(module: nn.Module) -> SparseParametrization | None:
-    """This package's parametrization (ST-3 or STR) on ``module``'s pruned tensor (``weight``, or
-    ``in_proj_weight`` of ``nn.MultiheadAttention``), or ``None``."""
-    name = pruned_tensor_name(module)
-    if not parametrize.is_parametrized(module, name):
-        return None
-    found = [p for p in module.parametrizations[name] if isinstance(p, SparseParametrization)]
-    return found[0] if found else None
-
-
 def find_st3_parametrization(module: nn.Module) -> SoftThresholdParametrization | None:
     """The ST-3 parametrization on ``module.weight``, or ``None``."""
     found = find_sparse_parametrization(module)
     return found if isinstance(found, SoftThresholdParametrization) else None
-
-
-def raw_weight(module: nn.Module) -> Tensor:
-    """The raw (unthresholded) weight of a module carrying the ST-3 parametrization: what the optimizer updates."""
-    return module.parametrizations[pruned_tensor_name(module)].original
-
-
-def _save_effective_weight(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """``state_dict`` post-hook: also save the effective weight under the layer's plain ``weight`` key.
-
-    So a checkpoint of a model under ST-3 (or STR) loads into the same model without this package: the plain model
-    takes ``<layer>.weight`` (``<layer>.in_proj_weight`` for attention; zeros included) and ignores the
-    ``parametrizations`` keys.
-    """
-    if find_sparse_parametrization(module) is not None:
-        with torch.no_grad():
-            state_dict[prefix + pruned_tensor_name(module)] = pruned_tensor(module).detach()
-
-
-def _load_raw_or_effective(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """``load_state_dict`` pre-hook of a parametrized layer.
-
-    A state dict from a parametrized model has both the raw weight and the derived effective ``weight``: the derived
-    one is dropped. A state dict from a dense or permanent model has only ``weight``: it becomes the raw weight, and
-    the parametrization's own entries get :meth:`SparseParametrization.missing_state` (threshold 0 for ST-3, the
-    current ``s`` for STR), so sparse training can start from pretrained dense weights.
-    """
-    parametrization = find_sparse_parametrization(module)
-    if parametrization is None:
-        return
-    name = pruned_tensor_name(module)
-    plain = prefix + name
-    if prefix + _raw_key(name) in state_dict:
-        state_dict.pop(plain, None)
-    elif plain in state_dict:
-        state_dict[prefix + _raw_key(name)] = state_dict.pop(plain)
-        for key, value in parametrization.missing_state().items():
-            state_dict.setdefault(f"{prefix}parametrizations.{name}.0.{key}", value)
-
-
-def _open_parametrization_cache(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a parametrized ``nn.MultiheadAttention``: build its effective ``in_proj_weight`` once
-    per call.
-
-    ``nn.MultiheadAttention.forward`` reads ``in_proj_weight`` up to five times per call (checks of its fast path,
-    then the computation), and each read of a parametrized tensor recomputes it. Inside
-    :func:`torch.nn.utils.parametrize.cached` the first read computes it and the others reuse that tensor (autograd
-    included); the cache is dropped when the call ends (:func:`_close_parametrization_cache`). ``torch.compile``
-    traces the same (no graph break); not while ``torch.jit.trace`` runs, whose tracing torch's cache refuses.
-    """
-    if torch.jit.is_tracing():
-        return
-    context = parametrize.cached()
-    context.__enter__()
-    module.__dict__["_st3_parametrization_cache"] = context
-
-
-def _close_parametrization_cache(module: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook (``always_call``: also when the call raises) closing :func:`_open_parametrization_cache`'s
-    cache."""
-    context = module.__dict__.pop("_st3_parametrization_cache", None)
-    if context is not None:
-        context.__exit__(None, None, None)
-
-
-# Every hook `register_sparse_parametrization` installs, which `remove_st3_parametrization` removes again.
-_HOOKS = (_save_effective_weight, _load_raw_or_effective, _open_parametrization_cache, _close_parametrization_cache)
-
-ParametrizationT = TypeVar("ParametrizationT", bound=SparseParametrization)
-
-
-def register_sparse_parametrization(module: nn.Module, parametrization: ParametrizationT) -> ParametrizationT:
-    """Put ``parametrization`` on ``module``'s pruned tensor (``weight``, or ``in_proj_weight`` of
-    ``nn.MultiheadAttention``), with the state-dict hooks, unless one of its type is there.
-
-    Besides :func:`torch.nn.utils.parametrize.register_parametrization`, this installs two state-dict hooks on
-    ``module``: its ``state_dict`` also carries the effective weight under the plain ``weight`` key, and its
-    ``load_state_dict`` accepts both parametrized and plain (dense or permanent) state dicts. On an
-    ``nn.MultiheadAttention`` it also installs two forward hooks that compute the effective ``in_proj_weight`` once
-    per call instead of once per read (:func:`_open_parametrization_cache`).
-
-    Args:
-        module: A layer with a ``weight`` (output channels on dim 0).
-        parametrization: A new parametrization (moved to the weight's device).
-
-    Returns:
-        The parametrization now on ``module.weight``: the one already there if it has ``parametrization``'s type.
-
-    Raises:
-        ValueError: If ``module.weight`` already carries another parametrization.
-    """
-    existing = find_sparse_parametrization(module)
-    if type(existing) is type(parametrization):
-        return existing  # type: ignore[return-value]
-    name = pruned_tensor_name(module)
-    if parametrize.is_parametrized(module, name):
-        names = [type(p).__name__ for p in module.parametrizations[name]]
-        raise ValueError(
-            f"`{name}` already has the parametrizations {names}, which {type(parametrization).__name__} cannot "
-            "combine with"
-        )
-    parametrization = parametrization.to(getattr(module, name).device)
-    parametrize.register_parametrization(module, name, parametrization)
-    module.register_state_dict_post_hook(_save_effective_weight)
-    module.register_load_state_dict_pre_hook(_load_raw_or_effective)
-    if isinstance(module, nn.MultiheadAttention):
-        module.register_forward_pre_hook(_open_parametrization_cache)
-        module.register_forward_hook(_close_parametrization_cache, always_call=True)
-    return parametrization
 
 
 def register_st3_parametrization(
@@ -538,40 +334,3 @@ def register_st3_parametrization(
     existing.rescale = rescale
     existing.compile_kernels = compile_kernels
     return existing
-
-
-def remove_st3_parametrization(module: nn.Module) -> None:
-    """Bake the effective weight into a plain ``weight`` Parameter and restore the layer's original class.
-
-    Works for both of this package's parametrizations (ST-3 and STR). The Parameter object is kept (its data
-    replaced), so optimizers holding it stay valid. The state-dict and forward hooks of
-    :func:`register_sparse_parametrization` are removed too, so the module pickles and loads without this package.
-
-    Raises:
-        ValueError: If the raw weight is sharded by FSDP2 (a DTensor).
-    """
-    if find_sparse_parametrization(module) is None:
-        return
-    if is_dtensor(raw_weight(module)):
-        raise ValueError(
-            "the layer's weight is sharded (FSDP2): removing its parametrization would leave FSDP2 gathering a "
-            "parameter the layer no longer uses. HINT: gather a full state dict (e.g. a checkpoint with "
-            "`ModelParallelStrategy(save_distributed_checkpoint=False)`) and load it into an unsharded model with "
-            "`load_sparse_weights`, or call `make_permanent` on such a model"
-        )
-    # `copy.deepcopy` of a parametrized module shares torch's generated `Parametrized<Layer>` class with the
-    # original, and removing a parametrization deletes its property from that class, which would break the other
-    # copy (`make_permanent(copy.deepcopy(model))` would leave `model` without `weight`): give this module its own.
-    cls = type(module)
-    module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k != "__weakref__"})
-    parametrize.remove_parametrizations(module, pruned_tensor_name(module), leave_parametrized=True)
-    # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).
-    for hooks in (
-        module._state_dict_hooks,
-        module._load_state_dict_pre_hooks,
-        module._forward_pre_hooks,
-        module._forward_hooks,
-    ):
-        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in _HOOKS]:
-            del hooks[key]
-            module._forward_hooks_always_called.pop(key, None)

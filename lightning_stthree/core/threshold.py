@@ -15,8 +15,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.distributed import count_per_tensor
-from lightning_stthree.selection import PIVOT_WINDOW, check_finite_sums, nonfinite_sums, score_chunks, select_threshold
+from lightning_stthree.core.distributed import count_per_tensor
+from lightning_stthree.core.selection import (
+    PIVOT_WINDOW,
+    check_finite_sums,
+    nonfinite_sums,
+    score_chunks,
+    select_threshold,
+)
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -66,7 +72,7 @@ def global_threshold(
 
     ``t`` is the k-th smallest score over all weights' scores, ``k = num_pruned(sparsity, N)`` (bitwise what
     ``torch.kthvalue`` gives on the concatenated scores), found tensor by tensor without concatenating or sorting the
-    weights (:func:`~lightning_stthree.selection.select_threshold`); ``pivot``, the previous threshold, speeds it up.
+    weights (:func:`~lightning_stthree.core.selection.select_threshold`); ``pivot``, the previous threshold, speeds it up.
     Pruned are the weights whose score is ``<= t``, so exactly ``k`` weights when scores have no ties. When ``k == 0``
     the threshold is ``0``, which leaves every weight unchanged (a threshold taken at k=0 would shift every weight by
     the smallest magnitude).
@@ -77,9 +83,9 @@ def global_threshold(
         criterion: ``"l1"`` (ST-3) or ``"l1_std"`` (ST-3 sigma).
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
-        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
+        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.core.selection.select_threshold`).
         check_finite: Raise if some weights are not finite, also when nothing is pruned (see
-            :func:`~lightning_stthree.selection.select_threshold`).
+            :func:`~lightning_stthree.core.selection.select_threshold`).
 
     Returns:
         A 0-dim float32 tensor on the weights' device, in score units (divide by ``layer_score_factor`` per layer).
@@ -124,7 +130,7 @@ def weighted_global_threshold(
     weight count). With :math:`W(t) = \sum_i \mathrm{shares}_i \cdot \#\{\mathrm{score} \le t \text{ in layer } i\}`,
     the result is the smallest score value with :math:`W(t) \ge \mathrm{fraction} \cdot W(\infty)`, so the pruned
     share overshoots the goal by less than the share of the weights tied at ``t``. Found tensor by tensor, without
-    concatenating or sorting (:func:`~lightning_stthree.selection.select_threshold`). With all shares equal to 1
+    concatenating or sorting (:func:`~lightning_stthree.core.selection.select_threshold`). With all shares equal to 1
     this is the k-th smallest score.
 
     Args:
@@ -134,7 +140,7 @@ def weighted_global_threshold(
         criterion: ``"l1"`` or ``"l1_std"``, as for :func:`global_threshold`.
         pivot: The previous threshold (in score units), if any.
         window: Half-width of the window searched around ``pivot`` first, relative to it.
-        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.selection.select_threshold`).
+        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.core.selection.select_threshold`).
         check_finite: As for :func:`global_threshold`.
 
     Returns:

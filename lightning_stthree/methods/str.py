@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lightning_stthree.parametrization import SparseParametrization, register_sparse_parametrization
+from lightning_stthree.methods.st3 import SparseParametrization, register_sparse_parametrization
 
 # The name of the learnable threshold in a layer's state dict: `<layer>.parametrizations.weight.0.s`.
 S_NAME = "s"

@@ -1,8 +1,8 @@
-"""``ST3PruningCallback`` and ``STRPruningCallback``: Lightning wiring of ST-3 (arXiv:2212.01076) and STR.
+"""``ST3PruningCallback``: Lightning wiring of ST-3 (arXiv:2212.01076).
 
-The maths lives in :mod:`~lightning_stthree.schedule`, :mod:`~lightning_stthree.threshold`,
-:mod:`~lightning_stthree.parametrization` and :mod:`~lightning_stthree.str_pruning`; what both methods share with
-Lightning is in :mod:`~lightning_stthree.sparse_callback`; this module only adds each method's hooks.
+The maths lives in :mod:`~lightning_stthree.core.schedule`, :mod:`~lightning_stthree.core.threshold`,
+:mod:`~lightning_stthree.methods.st3` and :mod:`~lightning_stthree.methods.str`; what both methods share with
+Lightning is in :mod:`~lightning_stthree.callbacks.base`; this module only adds each method's hooks.
 """
 
 from __future__ import annotations
@@ -19,27 +19,25 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree._checks import check_bool
-from lightning_stthree.distributed import local_tensor
-from lightning_stthree.kernels import check_compiles
-from lightning_stthree.layers import pruned_tensor
-from lightning_stthree.parametrization import (
-    SoftThresholdParametrization,
-    find_sparse_parametrization,
-    find_st3_parametrization,
-    raw_weight,
-    register_st3_parametrization,
-)
-from lightning_stthree.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
-from lightning_stthree.selection import PIVOT_WINDOW, NonFiniteScoresError, pivot_window
-from lightning_stthree.sparse_callback import SparseTrainingCallback
-from lightning_stthree.str_pruning import STRParametrization, register_str_parametrization
-from lightning_stthree.threshold import (
+from lightning_stthree.callbacks.base import SparseTrainingCallback
+from lightning_stthree.core.distributed import local_tensor
+from lightning_stthree.core.kernels import check_compiles
+from lightning_stthree.core.layers import pruned_tensor
+from lightning_stthree.core.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
+from lightning_stthree.core.selection import PIVOT_WINDOW, NonFiniteScoresError, pivot_window
+from lightning_stthree.core.threshold import (
     CRITERIA,
     Criterion,
     global_threshold,
     layer_score_factor,
     nonfinite_counts,
     weighted_global_threshold,
+)
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.st3 import (
+    SoftThresholdParametrization,
+    find_st3_parametrization,
+    register_st3_parametrization,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     From ``arXiv:2212.01076`` (Vanderschueren & De Vleeschouwer, WACV 2023). At setup, the ``weight`` of every
     prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d`` by default, first conv and classifier included, and the
     ``in_proj_weight`` of ``nn.MultiheadAttention``) gets a
-    :class:`~lightning_stthree.parametrization.SoftThresholdParametrization`. At the start of every optimizer step
+    :class:`~lightning_stthree.methods.st3.SoftThresholdParametrization`. At the start of every optimizer step
     (every ``update_every`` steps) one global threshold ``t`` is recomputed from all raw weights so that the pruned
     fraction equals the scheduled sparsity
 
@@ -140,7 +138,7 @@ class ST3PruningCallback(SparseTrainingCallback):
             otherwise.
         compile_kernels: Fuse the two passes ST-3 makes over every weight per step (the effective weight in the
             forward pass, the count around the last threshold in the selection) into one ``torch.compile``d kernel
-            each (:mod:`~lightning_stthree.kernels`): several times less time per pass. Needs a C++ compiler on a
+            each (:mod:`~lightning_stthree.core.kernels`): several times less time per pass. Needs a C++ compiler on a
             CPU (Triton on a GPU; checked at setup) and compiles a few seconds the first time each kind of layer is
             met (cached on disk by Inductor). The threshold is bitwise the same; the effective weights are the same
             up to float rounding. Applies to the straight-through gradient (``straight_through=True``, ST-3's).
@@ -511,129 +509,4 @@ class ST3PruningCallback(SparseTrainingCallback):
                 f"ST3PruningCallback would freeze the mask before the ramp ends: freeze_at={self.freeze_at} -> step "
                 f"{self._freeze_step}, end={self.end} -> step {self._end_step} {steps}. HINT: choose `freeze_at` >= "
                 "`end`."
-            )
-
-
-class STRPruningCallback(SparseTrainingCallback):
-    r"""Sparse training with STR, a learnable threshold per layer (Kusupati et al., ICML 2020, arXiv:2002.03231).
-
-    The method ST-3 was built against, on the same machinery as :class:`ST3PruningCallback` (layer selection,
-    checkpoints, logging, MACs, report, plots, :func:`~lightning_stthree.make_permanent`). At setup, the ``weight`` of
-    every prunable layer gets a :class:`~lightning_stthree.str_pruning.STRParametrization`:
-    ``w_eff = sign(w) * relu(|w| - sigmoid(s_l))`` with one learnable scalar ``s_l`` per layer, initialised to
-    ``s_init``. The ``s_l`` are parameters of the model (``<layer>.parametrizations.weight.0.s``), registered before
-    ``configure_optimizers``, so an optimizer built from ``self.parameters()`` trains them and applies its weight
-    decay to them, as the authors' code does.
-
-    The sparsity is not scheduled: weight decay pulls each ``s_l`` toward 0 (raising the threshold toward 0.5) and the
-    task loss pushes it back, so the final sparsity emerges from ``s_init``, the weight decay, the learning rate and
-    the run's length. The authors' ImageNet recipes use ``s_init=-3200`` for 100 epochs and choose the weight decay per
-    target; for short runs ``s_init`` must be much closer to 0 (the Fashion-MNIST values in ``benchmarks/accuracy.py``
-    were found by a sweep there). At fit start the callback checks that every ``s_l`` is in an optimizer (an error
-    otherwise) and warns when its parameter group has no weight decay (STR then barely prunes).
-
-    Logged once per optimizer step with ``pl_module.log``: ``str/sparsity`` (measured, on the progress bar),
-    ``str/threshold_mean`` (mean of the layers' ``sigmoid(s_l)``), the ``str/macs_*`` when MACs are known and, unless
-    ``log_layer_sparsity=False``, ``str/layer/<name>/sparsity`` and ``str/layer/<name>/threshold``.
-
-    Args:
-        s_init: Initial value of every layer's ``s`` (the initial threshold on ``|w|`` is ``sigmoid(s_init)``); a
-            finite number. No default: the right value depends on the run's length (see above).
-        include_types: See :class:`ST3PruningCallback`.
-        exclude: See :class:`ST3PruningCallback`.
-        log_layer_sparsity: Also log each layer's measured sparsity and threshold.
-        make_permanent_at_end: See :class:`ST3PruningCallback`.
-        input_shape: See :class:`ST3PruningCallback`.
-        report: See :class:`ST3PruningCallback`.
-        save_plots: Save ``str_sparsity.png`` and ``str_layers.png``; see :class:`ST3PruningCallback`.
-
-    Raises:
-        ValueError: If ``s_init`` is not a finite number, or another argument is out of range.
-
-    Example::
-
-        trainer = Trainer(max_epochs=10, callbacks=[STRPruningCallback(s_init=-3.0)])
-        trainer.fit(model)  # model.configure_optimizers uses self.parameters() with weight_decay > 0
-    """
-
-    log_prefix = "str"
-    method_name = "STR"
-    supports_sharding = False
-
-    def __init__(
-        self,
-        s_init: float,
-        include_types: list[str] | None = None,
-        exclude: list[str] | None = None,
-        log_layer_sparsity: bool = True,
-        make_permanent_at_end: bool = False,
-        input_shape: list[int] | None = None,
-        report: bool = True,
-        save_plots: bool = False,
-    ) -> None:
-        if isinstance(s_init, bool) or not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
-            raise ValueError(
-                f"`s_init` must be a finite number (the initial threshold is sigmoid(s_init)), got {s_init!r}"
-            )
-        super().__init__(
-            include_types=include_types,
-            exclude=exclude,
-            log_layer_sparsity=log_layer_sparsity,
-            make_permanent_at_end=make_permanent_at_end,
-            input_shape=input_shape,
-            report=report,
-            save_plots=save_plots,
-        )
-        self.s_init = float(s_init)
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(include_types=self.include_types, exclude=self.exclude)
-
-    @override
-    def _register(self, module: nn.Module) -> STRParametrization:
-        return register_str_parametrization(module, self.s_init)
-
-    def _str_parametrizations(self) -> dict[str, STRParametrization]:
-        found = {name: find_sparse_parametrization(m) for name, m in self._layers.items()}
-        return {name: p for name, p in found.items() if isinstance(p, STRParametrization)}
-
-    def thresholds(self) -> dict[str, float]:
-        """Each pruned layer's current threshold on ``|w|``, ``sigmoid(s_l)``, by module name."""
-        return {name: float(p.threshold) for name, p in self._str_parametrizations().items()}
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._check_optimized(trainer)
-
-    @override
-    def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        thresholds = self.thresholds()
-        mean = sum(thresholds.values()) / len(thresholds) if thresholds else 0.0
-        return {"threshold_mean": mean}, {name: {"threshold": value} for name, value in thresholds.items()}
-
-    def _check_optimized(self, trainer: pl.Trainer) -> None:
-        """Every ``s_l`` must be trained by an optimizer; warn where nothing decays it."""
-        decay: dict[int, float] = {}
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    decay[id(parameter)] = float(group.get("weight_decay", 0.0))
-        s_params = {name: p.s for name, p in self._str_parametrizations().items()}
-        missing = [name for name, s in s_params.items() if id(s) not in decay]
-        if missing:
-            raise MisconfigurationException(
-                f"STRPruningCallback: the threshold parameters `s` of {len(missing)} layers (e.g. {missing[:3]}) are "
-                "in no optimizer, so STR would never prune them. HINT: build the optimizer in `configure_optimizers` "
-                "from `self.parameters()` (the callback adds the parameters named "
-                "'<layer>.parametrizations.weight.0.s' before `configure_optimizers` runs)."
-            )
-        undecayed = [name for name, s in s_params.items() if decay[id(s)] == 0.0]
-        if undecayed:
-            rank_zero_warn(
-                f"STRPruningCallback: the threshold parameters `s` of {len(undecayed)} layers (e.g. {undecayed[:3]}) "
-                "are in a parameter group with weight_decay=0; STR's sparsity comes from weight decay on `s`, so "
-                "these layers will barely be pruned. HINT: put them in a group with weight_decay > 0."
             )

@@ -1,0 +1,152 @@
+"""The import paths of lightning-stthree 0.1, kept working after 0.2 arranged the package in folders.
+
+0.2 put the functional core in ``core/``, the parametrizations in ``methods/``, the Lightning wiring in
+``callbacks/``, the sparse-inference conversion in ``inference/`` and the recipes (DataModules, example models,
+``stthree``) in ``recipes/``. What users wrote against 0.1 keeps working, resolving to the very same objects:
+
+- the old module paths (``lightning_stthree.data``, ``lightning_stthree.models``, ``lightning_stthree.callback``,
+  ``lightning_stthree.parametrization``, ...), in imports, in LightningCLI ``class_path`` entries and in pickles and
+  checkpoints that name them, through a module that forwards every attribute to the new one;
+- the top-level names that left ``lightning_stthree.__all__`` (``from lightning_stthree import num_pruned``).
+
+Each old path and each old name warns once per process with a ``FutureWarning`` that says where it lives now; they
+will be removed in a later release.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+import warnings
+from typing import Any
+
+_PACKAGE = "lightning_stthree"
+
+# Old module (0.1) -> the modules its names live in now, searched in order.
+MOVED_MODULES: dict[str, tuple[str, ...]] = {
+    f"{_PACKAGE}.{old}": tuple(f"{_PACKAGE}.{new}" for new in news)
+    for old, news in {
+        "callback": ("callbacks",),
+        "sparse_callback": ("callbacks.base",),
+        "parametrization": ("methods.st3", "methods.parametrization"),
+        "str_pruning": ("methods.str",),
+        "export": ("methods.export",),
+        "schedule": ("core.schedule",),
+        "selection": ("core.selection",),
+        "threshold": ("core.threshold",),
+        "flops": ("core.flops",),
+        "layers": ("core.layers",),
+        "distributed": ("core.distributed",),
+        "kernels": ("core.kernels",),
+        "data": ("recipes.data",),
+        "models": ("recipes.models",),
+        "cli": ("recipes.cli",),
+    }.items()
+}
+
+# Names that were renamed: old name -> new name.
+RENAMED: dict[str, str] = {"remove_st3_parametrization": "remove_sparse_parametrization"}
+
+# Top-level names of 0.1 that are no longer in `lightning_stthree.__all__` -> the module holding them now.
+MOVED_NAMES: dict[str, str] = {
+    f"{name}": f"{_PACKAGE}.{module}"
+    for module, names in {
+        "core.layers": ("PRUNABLE_TYPES",),
+        "core.flops": ("measure_layer_macs", "sparse_macs"),
+        "core.schedule": ("resolve_step",),
+        "core.threshold": ("layer_score_factor", "nonfinite_counts", "num_pruned", "pruning_scores"),
+        "methods.parametrization": ("remove_st3_parametrization",),
+        "inference": (
+            "LayerChoice",
+            "SparseConv2d",
+            "SparseInferenceReport",
+            "SparseLinear",
+            "SparseMultiheadAttention",
+        ),
+    }.items()
+    for name in names
+}
+
+_warned: set[str] = set()
+
+
+def _warn_once(old: str, new: str, stacklevel: int) -> None:
+    if old in _warned:
+        return
+    _warned.add(old)
+    warnings.warn(
+        f"`{old}` moved to `{new}` in lightning-stthree 0.2; the old path still works but will be removed in a later "
+        "release. HINT: update the import (or the `class_path` in your LightningCLI YAML).",
+        FutureWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def _resolve(modules: tuple[str, ...], name: str) -> Any:
+    """``name`` (or its new name) from the first of ``modules`` that has it."""
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for candidate in (name, RENAMED.get(name)):
+            if candidate is not None and hasattr(module, candidate):
+                return getattr(module, candidate)
+    raise AttributeError(f"`{name}` is not in {' or '.join(modules)}")
+
+
+class _MovedModule(types.ModuleType):
+    """Stands at an old module path; every attribute is read from the modules that hold it now."""
+
+    def __init__(self, name: str, targets: tuple[str, ...]) -> None:
+        super().__init__(name, f"Moved to {', '.join(targets)} (lightning-stthree 0.2).")
+        self._targets = targets
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return _resolve(self._targets, name)
+        except AttributeError:
+            raise AttributeError(
+                f"module {self.__name__!r} has no attribute {name!r} (the module moved to {' and '.join(self._targets)})"
+            ) from None
+
+    def __dir__(self) -> list[str]:
+        return sorted({n for t in self._targets for n in dir(importlib.import_module(t))})
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the old module paths of :data:`MOVED_MODULES` (only those) and loads a :class:`_MovedModule` for each."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _MovedModule(spec.name, MOVED_MODULES[spec.name])
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        # The import system's own frames are skipped by `warnings`: level 2 is the importing line.
+        _warn_once(module.__name__, " and ".join(MOVED_MODULES[module.__name__]), stacklevel=2)
+
+
+def install() -> None:
+    """Let the old module paths import (idempotent). Called by ``lightning_stthree/__init__.py``."""
+    if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.append(_MovedModuleFinder())
+
+
+def moved_attribute(name: str) -> Any:
+    """A top-level name of 0.1 that left ``lightning_stthree.__all__``, from where it lives now (warns once).
+
+    Raises:
+        AttributeError: If ``name`` was never a name of the package.
+    """
+    if name not in MOVED_NAMES:
+        raise AttributeError(f"module {_PACKAGE!r} has no attribute {name!r}")
+    module = MOVED_NAMES[name]
+    new = RENAMED.get(name, name)
+    _warn_once(f"{_PACKAGE}.{name}", f"{module}.{new}", stacklevel=3)  # caller -> __getattr__ -> here
+    return _resolve((module,), name)
