@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree._checks import check_bool
+from lightning_stthree.core.checks import check_bool
 from lightning_stthree.core.distributed import count_per_tensor, follow_parametrization, is_dtensor
 from lightning_stthree.core.flops import measure_layer_macs, sparse_macs
 from lightning_stthree.core.layers import (

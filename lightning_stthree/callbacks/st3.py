@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree._checks import check_bool
+from lightning_stthree.core.checks import check_bool
 from lightning_stthree.callbacks.base import SparseTrainingCallback
 from lightning_stthree.core.distributed import local_tensor
 from lightning_stthree.core.kernels import check_compiles

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_stthree._checks import check_bool
+from lightning_stthree.core.checks import check_bool
 
 # Where Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``) puts the files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -30,7 +30,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_stthree._checks import check_bool
+from lightning_stthree.core.checks import check_bool
 
 LRSchedule = Literal["cosine", "step", "constant"]
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
