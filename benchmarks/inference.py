@@ -43,7 +43,7 @@ from lightning_stthree import (
     to_sparse_inference,
 )
 from lightning_stthree.core.threshold import global_threshold, layer_score_factor
-from lightning_stthree.inference import interleaved_times
+from lightning_stthree.inference.timing import interleaved_times
 from lightning_stthree.methods.parametrization import raw_weight
 from lightning_stthree.recipes.models import cifar_resnet
 

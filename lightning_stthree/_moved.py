@@ -57,7 +57,8 @@ MOVED_NAMES: dict[str, str] = {
         "core.layers": ("PRUNABLE_TYPES",),
         "core.flops": ("measure_layer_macs", "sparse_macs"),
         "core.schedule": ("resolve_step",),
-        "core.threshold": ("layer_score_factor", "nonfinite_counts", "num_pruned", "pruning_scores"),
+        "core.threshold": ("layer_score_factor", "num_pruned", "pruning_scores"),
+        "core.selection": ("nonfinite_counts",),
         "methods.parametrization": ("remove_st3_parametrization",),
         "inference": (
             "LayerChoice",
@@ -108,9 +109,8 @@ class _MovedModule(types.ModuleType):
         try:
             return _resolve(self._targets, name)
         except AttributeError:
-            raise AttributeError(
-                f"module {self.__name__!r} has no attribute {name!r} (the module moved to {' and '.join(self._targets)})"
-            ) from None
+            moved = " and ".join(self._targets)
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r} (it moved to {moved})") from None
 
     def __dir__(self) -> list[str]:
         return sorted({n for t in self._targets for n in dir(importlib.import_module(t))})

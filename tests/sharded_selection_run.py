@@ -27,13 +27,8 @@ from lightning_stthree.core.distributed import count_per_tensor
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from sharded_threshold import count_all_reduce_bytes  # the benchmark's own byte count
 
-from lightning_stthree.core.threshold import (
-    global_threshold,
-    nonfinite_counts,
-    num_pruned,
-    pruning_scores,
-    weighted_global_threshold,
-)
+from lightning_stthree.core.selection import nonfinite_counts
+from lightning_stthree.core.threshold import global_threshold, num_pruned, pruning_scores, weighted_global_threshold
 
 WORLD = 4
 # Rows 37 and 5 split unevenly, 3 and 1 rows leave some ranks without any row.

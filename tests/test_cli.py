@@ -71,7 +71,7 @@ ADD = "criterion: l1_std"  # a line of CONFIG after which a case adds an argumen
         ("target_sparsity: 0.8", "target_sparsity: 1.5", ["`target_sparsity` must be in [0, 1), got 1.5"]),
         ("start: 1", "start: -1", ["`start` must be >= 0 optimizer steps, got -1"]),
         ("end: 0.5", "end: 1.5", ["`end` as a float is a fraction of the run and must be in [0, 1], got 1.5"]),
-        (ADD, f"{ADD}\n        power: 0", ["`power` must be a finite number > 0, got 0.0"]),
+        (ADD, f"{ADD}\n        power: 0", ["`power` must be in (0, inf), got 0.0"]),
         (ADD, f"{ADD}\n        update_every: 0", ["`update_every` must be an int >= 1 (optimizer steps), got 0"]),
         ("Conv2d, Linear]", "Conv2d, LSTM]", ["`include_types` has unknown layer types ['LSTM']"]),
         (ADD, f"{ADD}\n        input_shape: [1, 3, 0]", ["`input_shape` must be a list of positive ints"]),

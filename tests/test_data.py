@@ -28,6 +28,7 @@ from lightning_stthree.recipes.data import (
     random_horizontal_flip,
     read_idx,
 )
+from lightning_stthree.recipes.data import mnist as mnist_module
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -51,7 +52,7 @@ def as_multiset(images: np.ndarray, labels: np.ndarray) -> list[tuple[bytes, int
 def no_debian_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Point the Debian fallback at a folder that does not exist, so the machine's own files cannot interfere."""
     missing = tmp_path / "no-debian-package"
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST_DIR", missing)
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", missing)
     return missing
 
 
@@ -67,8 +68,8 @@ def no_debian_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         (DigitsDataModule, {"batch_size": True}, TypeError, r"`batch_size` must be an int >= 1, got True"),
         (DigitsDataModule, {"num_workers": -1}, ValueError, r"`num_workers` must be an int >= 0, got -1"),
         (DigitsDataModule, {"seed": -2}, ValueError, r"`seed` must be an int >= 0, got -2"),
-        (DigitsDataModule, {"val_fraction": 1.0}, ValueError, r"`val_fraction` must be a float in \(0, 1\), got 1.0"),
-        (DigitsDataModule, {"test_fraction": "0.1"}, ValueError, r"`test_fraction` must be a float in \(0, 1\)"),
+        (DigitsDataModule, {"val_fraction": 1.0}, ValueError, r"`val_fraction` must be in \(0, 1\), got 1.0"),
+        (DigitsDataModule, {"test_fraction": "0.1"}, TypeError, r"`test_fraction` must be a number in \(0, 1\)"),
         (
             DigitsDataModule,
             {"val_fraction": 0.5, "test_fraction": 0.5},
@@ -379,7 +380,7 @@ def test_missing_mnist_has_no_debian_fallback(tmp_path: Path) -> None:
 def test_fashion_mnist_falls_back_to_the_debian_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     arrays = make_tiny_idx_dataset(debian)
-    monkeypatch.setattr(data_module, "DEBIAN_FASHION_MNIST_DIR", debian)
+    monkeypatch.setattr(mnist_module, "DEBIAN_FASHION_MNIST_DIR", debian)
     data = FashionMNISTDataModule(batch_size=4, val_size=5)
     check_tiny_dataset(data, arrays, FASHION_MNIST_MEAN[0], FASHION_MNIST_STD[0])
     with pytest.warns(UserWarning, match=r"Fashion-MNIST is not in `data_dir=.*`; reading it from .*fashion-mnist"):

@@ -120,7 +120,7 @@ def test_small_cnn_is_small_and_checks_arguments() -> None:
     assert _num_parameters(SmallCNN(width=8)) < _num_parameters(model)
     with pytest.raises(ValueError, match=r"`width` must be an int >= 1, got 0"):
         SmallCNN(width=0)
-    with pytest.raises(ValueError, match=r"`in_channels` must be an int >= 1, got 2.0"):
+    with pytest.raises(TypeError, match=r"`in_channels` must be an int >= 1, got 2.0"):
         SmallCNN(in_channels=2.0)
 
 
@@ -166,9 +166,20 @@ def test_unknown_name_lists_the_valid_ones() -> None:
         ImageClassifier(model="lenet")
 
 
-@pytest.mark.parametrize("depth", [21, 18, 2, 0, -4, 20.0, True])
-def test_bad_depth(depth: Any) -> None:
-    with pytest.raises(ValueError, match=r"`depth` must be 6n \+ 2 for an int n >= 1 .*got " + repr(depth)):
+@pytest.mark.parametrize(
+    ("depth", "error"),
+    [
+        (21, ValueError),
+        (18, ValueError),
+        (2, ValueError),
+        (0, ValueError),
+        (-4, ValueError),
+        (20.0, TypeError),  # not an int: the wrong type
+        (True, TypeError),
+    ],
+)
+def test_bad_depth(depth: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"`depth` must be 6n \+ 2 for an int n >= 1 .*got " + repr(depth)):
         cifar_resnet(depth)
 
 
@@ -350,7 +361,7 @@ def test_small_cnn_learns_digits() -> None:
         ({"lr": 0}, ValueError, r"`lr` must be in \(0, inf\), got 0"),
         ({"lr": -0.1}, ValueError, r"`lr` must be in \(0, inf\), got -0.1"),
         ({"lr": float("nan")}, ValueError, r"`lr` must be in \(0, inf\), got nan"),
-        ({"lr": "0.1"}, TypeError, r"`lr` must be a float in \(0, inf\), got '0.1'"),
+        ({"lr": "0.1"}, TypeError, r"`lr` must be a number in \(0, inf\), got '0.1'"),
         ({"momentum": 1.0}, ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
         ({"momentum": -0.5}, ValueError, r"`momentum` must be in \[0, 1\), got -0.5"),
         ({"weight_decay": -1e-4}, ValueError, r"`weight_decay` must be in \[0, inf\), got -0.0001"),
@@ -376,7 +387,7 @@ def test_small_cnn_learns_digits() -> None:
         ({"num_classes": 1}, ValueError, r"`num_classes` must be an int >= 2, got 1"),
         ({"in_channels": 0}, ValueError, r"`in_channels` must be an int >= 1, got 0"),
         ({"image_size": 0}, ValueError, r"`image_size` must be an int >= 1, got 0"),
-        ({"image_size": 8.0}, ValueError, r"`image_size` must be an int >= 1, got 8.0"),
+        ({"image_size": 8.0}, TypeError, r"`image_size` must be an int >= 1, got 8.0"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, error: type[Exception], message: str) -> None:

@@ -9,9 +9,8 @@ from helpers import TinyNet, quiet_trainer, random_loader
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_stthree import NonFiniteScoresError, ST3PruningCallback, global_threshold, weighted_global_threshold
-from lightning_stthree.callbacks import st3 as callback_module
-from lightning_stthree.core import selection
-from lightning_stthree.core.threshold import nonfinite_counts
+from lightning_stthree.core import selection, tracking
+from lightning_stthree.core.selection import nonfinite_counts
 from lightning_stthree.methods.parametrization import raw_weight
 
 
@@ -83,15 +82,15 @@ def test_finite_weights_whose_sums_overflow_still_get_a_threshold(monkeypatch: p
     with pytest.raises(NonFiniteScoresError):
         global_threshold([huge], 0.25, pivot=1.0, compile_kernels=True, check_finite=True)
     assert nonfinite_counts([huge]) == {}  # the exact count clears it
-    # The callback then selects without the check, as if the sums had been finite.
-    original = callback_module.global_threshold
+    # The tracker (and so the callback) then selects without the check, as if the sums had been finite.
+    original = tracking.global_threshold
 
     def overflowing(*args: Any) -> torch.Tensor:
         if args[-1]:
             raise NonFiniteScoresError([0])
         return original(*args)
 
-    monkeypatch.setattr(callback_module, "global_threshold", overflowing)
+    monkeypatch.setattr(tracking, "global_threshold", overflowing)
     callback = ST3PruningCallback(0.8, start=0, end=8, report=False)
     quiet_trainer(max_steps=10, callbacks=[callback]).fit(TinyNet(), random_loader(10))
     assert callback.last_update_step == 10

@@ -158,9 +158,9 @@ def test_fashion_mnist_recipes_run_on_tiny_local_idx_files(tmp_path: Path, recip
 
 
 def test_missing_dataset_error_reaches_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_stthree.recipes import data
+    from lightning_stthree.recipes.data import mnist
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(mnist, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
     with pytest.raises(FileNotFoundError, match=r"(?s)Fashion-MNIST.*no-debian-package.*apt-get install"):
         main(
             [

@@ -1,14 +1,15 @@
 """``ST3PruningCallback``: Lightning wiring of ST-3 (arXiv:2212.01076).
 
-The maths lives in :mod:`~lightning_stthree.core.schedule`, :mod:`~lightning_stthree.core.threshold`,
-:mod:`~lightning_stthree.methods.st3` and :mod:`~lightning_stthree.methods.str`; what both methods share with
-Lightning is in :mod:`~lightning_stthree.callbacks.base`; this module only adds each method's hooks.
+The maths lives in the functional core and the method: the schedule (:class:`~lightning_stthree.core.schedule.
+SparsitySchedule`), the threshold from step to step (:class:`~lightning_stthree.core.tracking.ThresholdTracker`) and
+the effective weight (:mod:`~lightning_stthree.methods.st3`). What every method shares with Lightning is in
+:mod:`~lightning_stthree.callbacks.base`. This module says when each of them runs.
 """
 
 from __future__ import annotations
 
-import logging
-import math
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,21 +19,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree.core.checks import check_bool
 from lightning_stthree.callbacks.base import SparseTrainingCallback
+from lightning_stthree.core.checks import check_bool, check_choice, check_int
 from lightning_stthree.core.distributed import local_tensor
 from lightning_stthree.core.kernels import check_compiles
 from lightning_stthree.core.layers import pruned_tensor
-from lightning_stthree.core.schedule import DEFAULT_POWER, cubic_sparsity, resolve_step
-from lightning_stthree.core.selection import PIVOT_WINDOW, NonFiniteScoresError, pivot_window
-from lightning_stthree.core.threshold import (
-    CRITERIA,
-    Criterion,
-    global_threshold,
-    layer_score_factor,
-    nonfinite_counts,
-    weighted_global_threshold,
-)
+from lightning_stthree.core.schedule import DEFAULT_POWER, ScheduleError, SparsitySchedule, StepSpec
+from lightning_stthree.core.threshold import layer_thresholds
+from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
 from lightning_stthree.methods.parametrization import raw_weight
 from lightning_stthree.methods.st3 import (
     SoftThresholdParametrization,
@@ -40,27 +34,7 @@ from lightning_stthree.methods.st3 import (
     register_st3_parametrization,
 )
 
-log = logging.getLogger(__name__)
-
-StepSpec = int | float
-BUDGETS: tuple[str, ...] = ("params", "flops")
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
-
-
-def _check_step_spec(name: str, value: object) -> None:
-    if name == "freeze_at" and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be an int (optimizer steps) or a float in [0, 1] (fraction of the run), got {value!r}"
-        )
-    if isinstance(value, int) and value < 0:
-        raise ValueError(f"`{name}` must be >= 0 optimizer steps, got {value}")
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"`{name}` as a float is a fraction of the run and must be in [0, 1], got {value}; "
-            "pass an int for a number of optimizer steps"
-        )
 
 
 class ST3PruningCallback(SparseTrainingCallback):
@@ -182,36 +156,8 @@ class ST3PruningCallback(SparseTrainingCallback):
         on_nonfinite: Literal["raise", "warn"] = "raise",
         compile_kernels: bool = False,
     ) -> None:
-        if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
-            raise TypeError(f"`target_sparsity` must be a float in [0, 1), got {target_sparsity!r}")
-        if not 0.0 <= target_sparsity < 1.0:
-            raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity}")
-        for name, value in (("start", start), ("end", end), ("freeze_at", freeze_at)):
-            _check_step_spec(name, value)
-        if type(start) is type(end) and start > end:
-            raise ValueError(f"`start` must be <= `end`, got start={start} and end={end}")
-        if type(freeze_at) is type(end) and freeze_at < end:
-            raise ValueError(
-                f"`freeze_at` must be >= `end` (the mask is frozen once the ramp is done), got freeze_at={freeze_at} "
-                f"and end={end}"
-            )
-        if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 0:
-            raise ValueError(f"`power` must be a finite number > 0, got {power!r}")
-        if criterion not in CRITERIA:
-            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}")
-        for name, flag in (
-            ("soft_threshold", soft_threshold),
-            ("straight_through", straight_through),
-            ("rescale", rescale),
-            ("compile_kernels", compile_kernels),
-        ):
-            check_bool(name, flag)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"`update_every` must be an int >= 1 (optimizer steps), got {update_every!r}")
-        if budget not in BUDGETS:
-            raise ValueError(f"`budget` must be one of {BUDGETS}, got {budget!r}")
-        if on_nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
+        self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
+        self.tracker = ThresholdTracker(criterion, budget, check_bool("compile_kernels", compile_kernels))
         super().__init__(
             include_types=include_types,
             exclude=exclude,
@@ -221,34 +167,33 @@ class ST3PruningCallback(SparseTrainingCallback):
             report=report,
             save_plots=save_plots,
         )
-        self.target_sparsity = float(target_sparsity)
-        self.start = start
-        self.end = end
-        self.power = float(power)
-        self.criterion: Criterion = criterion
-        self.soft_threshold = soft_threshold
-        self.straight_through = straight_through
-        self.rescale = rescale
-        self.update_every = update_every
-        self.freeze_at = freeze_at
-        self.budget = budget
-        self.on_nonfinite = on_nonfinite
-        self.compile_kernels = compile_kernels
-
-        # Run state: plain Python, saved in checkpoints (see `state_dict`).
-        self.sparsity = 0.0  # scheduled sparsity at the last threshold update
-        self.threshold = 0.0  # global threshold at the last update, in score units
-        self.last_update_step = -1
-        # Derived at train start, not saved.
-        self._start_step: int | None = None
-        self._end_step: int | None = None
-        self._freeze_step: int | None = None
+        self.soft_threshold = check_bool("soft_threshold", soft_threshold)
+        self.straight_through = check_bool("straight_through", straight_through)
+        self.rescale = check_bool("rescale", rescale)
+        self.update_every = check_int("update_every", update_every, minimum=1, unit="optimizer steps")
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        # Run state beyond the tracker's (which checkpoints save): derived when training starts, not saved.
         self._checkpoint_frozen = False  # the restored checkpoint was taken inside the fine-tune phase
-        self._last_relative_move = PIVOT_WINDOW  # of the global threshold at the last update, relative
         self._warned_nonfinite = False  # in this run (`on_nonfinite="warn"`)
         # The raw weights' in-place version counters at the last update: another callback may replace the weights
         # without an optimizer step (StochasticWeightAveraging copies its averaged weights in).
         self._versions: list[int] = []
+
+    # ------------------------------------------------------------------ the settings and the state, by their names
+
+    # The settings live in the schedule and the tracker; the callback shows them under their argument names.
+    target_sparsity = property(lambda self: self.schedule.target_sparsity, doc="The schedule's final sparsity.")
+    start = property(lambda self: self.schedule.start, doc="Where the ramp starts (int step or float fraction).")
+    end = property(lambda self: self.schedule.end, doc="Where the ramp reaches the target (int or float).")
+    power = property(lambda self: self.schedule.power, doc="The ramp's exponent.")
+    freeze_at = property(lambda self: self.schedule.freeze_at, doc="Where the fine-tune phase starts, or None.")
+    criterion = property(lambda self: self.tracker.criterion, doc='"l1" (ST-3) or "l1_std" (ST-3 sigma).')
+    budget = property(lambda self: self.tracker.budget, doc='"params" or "flops".')
+    compile_kernels = property(lambda self: self.tracker.compile_kernels, doc="Whether kernels are fused.")
+    # The run state, kept by the tracker (and saved in checkpoints).
+    threshold = property(lambda self: self.tracker.threshold, doc="The last global threshold, in score units.")
+    sparsity = property(lambda self: self.tracker.sparsity, doc="The scheduled sparsity at the last update.")
+    last_update_step = property(lambda self: self.tracker.step, doc="The step of the last update (-1 before any).")
 
     @property
     @override
@@ -273,7 +218,8 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     @override
     def _check_fit_setup(self, trainer: pl.Trainer) -> None:
-        self._check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
+        with self._as_misconfiguration():
+            self.schedule.check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
         if self.compile_kernels:
             check_compiles(trainer.strategy.root_device)
 
@@ -290,9 +236,10 @@ class ST3PruningCallback(SparseTrainingCallback):
         self._warned_nonfinite = False
         # The thresholds in place (zero, or restored from a checkpoint) go with the weights as they are now.
         self._versions = self._raw_versions()
-        self._resolve_schedule(trainer.estimated_stepping_batches)
-        if trainer.global_step < self.last_update_step:
-            self.last_update_step = -1  # the callback is reused for a new run that starts over
+        with self._as_misconfiguration():
+            self.schedule.resolve(trainer.estimated_stepping_batches)
+        if trainer.global_step < self.tracker.step:
+            self.tracker.step = -1  # the callback is reused for a new run that starts over
         if self._checkpoint_frozen and not self.frozen:
             self._fix_masks()  # resumed inside the fine-tune phase: the checkpoint's pruned weights are zeros
 
@@ -306,7 +253,7 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     @override
     def _on_optimizer_step_start(self, pl_module: pl.LightningModule, step: int) -> None:
-        if self._is_fine_tune_step(step) and not self.frozen:
+        if self.schedule.is_fine_tune(step) and not self.frozen:
             self._freeze(step)
         elif step % self.update_every == 0:
             self._bring_threshold_up_to_date(step)
@@ -343,88 +290,41 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "sparsity": self.sparsity,
-            "threshold": self.threshold,
-            "last_update_step": self.last_update_step,
-            "frozen": self.frozen,
-        }
+        return {**self.tracker.state_dict(), "frozen": self.frozen}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sparsity = float(state_dict["sparsity"])
-        self.threshold = float(state_dict["threshold"])
-        self.last_update_step = int(state_dict["last_update_step"])
+        self.tracker.load_state_dict(state_dict)
         self._checkpoint_frozen = bool(state_dict["frozen"])
 
     # ------------------------------------------------------------------ helpers
 
     def scheduled_sparsity(self, step: int) -> float:
         """The sparsity the schedule asks for at optimizer ``step`` (available from ``on_train_start`` on)."""
-        if self._start_step is None or self._end_step is None:
-            raise RuntimeError("The schedule is resolved when training starts; call this from `on_train_start` on.")
-        return cubic_sparsity(step, self.target_sparsity, self._start_step, self._end_step, self.power)
+        return self.schedule.sparsity_at(step)
 
     @torch.no_grad()
     def update_threshold(self, step: int) -> None:
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
-        sparsity = self.scheduled_sparsity(step)
         weights = [raw_weight(m) for m in self._layers.values()]
-        # The threshold moves little from step to step: search first around the last one, in a window twice as wide
-        # as its last relative move (so that few weights fall inside to select among).
-        pivot = self.threshold if self.threshold > 0 else None
-        try:
-            threshold = self._select(weights, sparsity, pivot, check_finite=True)
-        except NonFiniteScoresError:
-            if not self._weights_finite(step, weights):
-                return
-            threshold = self._select(weights, sparsity, pivot, check_finite=False)  # finite, but a sum overflowed
-        if pivot is not None:
-            self._last_relative_move = abs(float(threshold) - pivot) / pivot
-        for module, weight in zip(self._layers.values(), weights, strict=True):
-            factor = layer_score_factor(weight.shape, self.criterion)
-            find_st3_parametrization(module).threshold.copy_(threshold / factor)
-        self.sparsity = sparsity
-        self.threshold = float(threshold)
-        self.last_update_step = step
-        self._versions = self._raw_versions()
-
-    def _select(
-        self, weights: list[torch.Tensor], sparsity: float, pivot: float | None, check_finite: bool
-    ) -> torch.Tensor:
-        """The global threshold at ``sparsity`` for the budget, searched near ``pivot`` first; with
-        ``check_finite``, the selection's pass over the weights also checks that they are finite."""
-        window = pivot_window(self._last_relative_move)
+        shares = None
         if self.budget == "flops":
             shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
-            return weighted_global_threshold(
-                weights, shares, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite
-            )
-        return global_threshold(weights, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite)
+        try:
+            threshold = self.tracker.update(weights, self.schedule.sparsity_at(step), step, shares)
+        except NonFiniteWeightsError as error:
+            self._on_nonfinite_weights(step, weights, error.counts)
+            return
+        per_layer = layer_thresholds(threshold, [w.shape for w in weights], self.criterion)
+        for module, layer_threshold in zip(self._layers.values(), per_layer, strict=True):
+            find_st3_parametrization(module).threshold.copy_(layer_threshold)
+        self._versions = self._raw_versions()
 
-    def _update_if_weights_replaced(self, step: int) -> None:
-        """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
-        optimizer step: those advance the step and are handled by the step schedule)."""
-        if (
-            step == self.last_update_step
-            and not self.frozen
-            and self._start_step is not None
-            and self._raw_versions() != self._versions
-        ):
-            self.update_threshold(step)
-
-    def _raw_versions(self) -> list[int]:
-        """The in-place version counters of the raw weights (of this rank's shards, when sharded)."""
-        return [local_tensor(raw_weight(m))._version for m in self._layers.values()]
-
-    def _weights_finite(self, step: int, weights: list[torch.Tensor]) -> bool:
-        """Whether every raw weight is finite; if not, raise or warn as ``on_nonfinite`` says."""
-        bad = nonfinite_counts(weights)
-        if not bad:
-            return True
+    def _on_nonfinite_weights(self, step: int, weights: list[torch.Tensor], counts: dict[int, tuple[int, int]]) -> None:
+        """Raise, or warn once and keep the last threshold, as ``on_nonfinite`` says."""
         names = list(self._layers)
         where = ", ".join(
-            f"`{names[i]}` ({nans} NaN and {infs} Inf of {weights[i].numel()})" for i, (nans, infs) in bad.items()
+            f"`{names[i]}` ({nans} NaN and {infs} Inf of {weights[i].numel()})" for i, (nans, infs) in counts.items()
         )
         message = (
             f"ST3PruningCallback: at optimizer step {step}, the raw weights of {where} are not finite, so no "
@@ -444,14 +344,25 @@ class ST3PruningCallback(SparseTrainingCallback):
                 message + f" The threshold stays at {self.threshold:.6g} and updates are skipped while any weight is "
                 "not finite (`on_nonfinite='warn'`; warned once per run)." + hint
             )
-        return False
 
-    def _bring_threshold_up_to_date(self, step: int) -> None:
-        if not self.frozen and self._start_step is not None and step != self.last_update_step:
+    def _update_if_weights_replaced(self, step: int) -> None:
+        """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
+        optimizer step: those advance the step and are handled by the step schedule)."""
+        if (
+            step == self.last_update_step
+            and not self.frozen
+            and self.schedule.resolved
+            and self._raw_versions() != self._versions
+        ):
             self.update_threshold(step)
 
-    def _is_fine_tune_step(self, step: int) -> bool:
-        return self._freeze_step is not None and step >= self._freeze_step
+    def _raw_versions(self) -> list[int]:
+        """The in-place version counters of the raw weights (of this rank's shards, when sharded)."""
+        return [local_tensor(raw_weight(m))._version for m in self._layers.values()]
+
+    def _bring_threshold_up_to_date(self, step: int) -> None:
+        if not self.frozen and self.schedule.resolved and step != self.last_update_step:
+            self.update_threshold(step)
 
     @torch.no_grad()
     def _freeze(self, step: int) -> None:
@@ -483,30 +394,11 @@ class ST3PruningCallback(SparseTrainingCallback):
     def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         return {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}, {}
 
-    def _check_run_length_known(self, unbounded: bool) -> None:
-        fractions = [name for name in ("start", "end", "freeze_at") if isinstance(getattr(self, name), float)]
-        if fractions and unbounded:
-            raise MisconfigurationException(
-                f"ST3PruningCallback got {', '.join(f'`{n}={getattr(self, n)}`' for n in fractions)} as a fraction "
-                "of the run, but the run has no known length. HINT: set `max_epochs` or `max_steps` on the Trainer "
-                "(and give the train dataloader a length), or pass them as ints (optimizer steps)."
-            )
-
-    def _resolve_schedule(self, total_steps: float) -> None:
-        # Lightning estimates `inf` for endless runs and `max_steps` (-1 when unset) for iterable datasets.
-        self._check_run_length_known(not math.isfinite(total_steps) or total_steps < 0)
-        self._start_step = resolve_step(self.start, total_steps, "start")
-        self._end_step = resolve_step(self.end, total_steps, "end")
-        self._freeze_step = None if self.freeze_at is None else resolve_step(self.freeze_at, total_steps, "freeze_at")
-        steps = f"(of {total_steps} optimizer steps)"
-        if self._start_step > self._end_step:
-            raise MisconfigurationException(
-                f"ST3PruningCallback's ramp starts after it ends: start={self.start} -> step {self._start_step}, "
-                f"end={self.end} -> step {self._end_step} {steps}. HINT: choose `start` <= `end`."
-            )
-        if self._freeze_step is not None and self._freeze_step < self._end_step:
-            raise MisconfigurationException(
-                f"ST3PruningCallback would freeze the mask before the ramp ends: freeze_at={self.freeze_at} -> step "
-                f"{self._freeze_step}, end={self.end} -> step {self._end_step} {steps}. HINT: choose `freeze_at` >= "
-                "`end`."
-            )
+    @staticmethod
+    @contextlib.contextmanager
+    def _as_misconfiguration() -> Iterator[None]:
+        """Schedule problems only the trainer reveals are the user's configuration: ``MisconfigurationException``."""
+        try:
+            yield
+        except ScheduleError as error:
+            raise MisconfigurationException(f"ST3PruningCallback: {error}") from error

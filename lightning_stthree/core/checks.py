@@ -61,9 +61,7 @@ def check_int(name: str, value: object, minimum: int | None = None, unit: str | 
     return value
 
 
-def check_number(
-    name: str, value: object, low: float = -math.inf, high: float = math.inf, closed: str = "[]"
-) -> float:
+def check_number(name: str, value: object, low: float = -math.inf, high: float = math.inf, closed: str = "[]") -> float:
     """Return ``value`` as a ``float`` if it is a finite real number in the interval from ``low`` to ``high``.
 
     Args:

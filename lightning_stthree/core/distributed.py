@@ -57,6 +57,33 @@ class LocalParts:
         """``counts`` summed over the ranks (``counts`` itself without sharding)."""
         return counts if self.reduce is None else self.reduce(counts)
 
+    def subset(self, indices: Sequence[int]) -> LocalParts:
+        """The parts of the weights at ``indices``, summed over the same ranks."""
+        return LocalParts([self.tensors[i] for i in indices], self.reduce)
+
+    @torch.no_grad()
+    def count(self, count: Callable[[int, Tensor], Tensor]) -> list[int]:
+        """``count(index, part)`` of every weight's part, summed over the ranks (one all-reduce when sharded).
+
+        Args:
+            count: Returns a 0-dim integer tensor for a non-empty part of weight ``index``; empty parts count 0.
+
+        Returns:
+            One exact count per weight, the same on every rank.
+        """
+        if not self.tensors:
+            return []
+        device = self.tensors[0].device
+        counts = torch.stack(
+            [
+                count(index, part).to(device=device, dtype=torch.int64)
+                if part.numel()
+                else torch.zeros((), dtype=torch.int64, device=device)
+                for index, part in enumerate(self.tensors)
+            ]
+        )
+        return [int(c) for c in self.total(counts).tolist()]
+
 
 def local_parts(weights: Sequence[Tensor]) -> LocalParts:
     """Split ``weights`` (plain tensors and/or DTensors on one device mesh) into what this rank counts.
@@ -109,9 +136,9 @@ def local_parts(weights: Sequence[Tensor]) -> LocalParts:
     return LocalParts(tensors, reduce)
 
 
-@torch.no_grad()
 def count_per_tensor(weights: Sequence[Tensor], count: Callable[[int, Tensor], Tensor]) -> list[int]:
-    """``count(index, part)`` of every weight, summed over the ranks' parts (one all-reduce when sharded).
+    """``count(index, part)`` of every weight, summed over the ranks' parts: :meth:`LocalParts.count` of
+    :func:`local_parts` of ``weights``.
 
     Args:
         weights: Plain tensors or DTensors (see :func:`local_parts`).
@@ -120,19 +147,7 @@ def count_per_tensor(weights: Sequence[Tensor], count: Callable[[int, Tensor], T
     Returns:
         One exact count per weight, the same on every rank.
     """
-    if not weights:
-        return []
-    parts = local_parts(weights)
-    device = parts.tensors[0].device
-    counts = torch.stack(
-        [
-            count(index, part).to(device=device, dtype=torch.int64)
-            if part.numel()
-            else torch.zeros((), dtype=torch.int64, device=device)
-            for index, part in enumerate(parts.tensors)
-        ]
-    )
-    return [int(c) for c in parts.total(counts).tolist()]
+    return local_parts(weights).count(count)
 
 
 def on_local_rows(function: Callable[[Tensor], Tensor], weight: Tensor) -> Tensor:

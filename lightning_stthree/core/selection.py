@@ -18,9 +18,9 @@ Scores are produced in chunks of :data:`CHUNK_SIZE` elements, so the extra memor
 (plus the candidates) whatever the model's size. Everything runs on the weights' device (CPU or GPU).
 
 Sharded weights (DTensors, FSDP2): every rank builds both histograms over its own shards and the histograms are
-all-reduced (:mod:`~lightning_stthree.core.distributed`), so each update communicates ``2 * 65536`` float64 counts (1 MiB)
-whatever the number of weights, and every rank gets the threshold a single process gets on the whole weights (the
-counts are exact). The near-pivot pass is skipped there: its candidates would have to be gathered.
+all-reduced (:mod:`~lightning_stthree.core.distributed`), so each update communicates ``2 * 65536`` float64 counts
+(1 MiB) whatever the number of weights, and every rank gets the threshold a single process gets on the whole weights
+(the counts are exact). The near-pivot pass is skipped there: its candidates would have to be gathered.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_stthree.core.distributed import Reduce, local_parts
+from lightning_stthree.core.distributed import LocalParts, Reduce, local_parts
 from lightning_stthree.core.kernels import compiled, scores_of, window_column_counts
 
 # Elements per scored chunk: 4M float32 scores are 16 MB, large enough for full-speed kernels.
@@ -63,11 +63,10 @@ class NonFiniteScoresError(FloatingPointError):
         self.suspects = suspects
 
 
-def nonfinite_sums(weights: Sequence[Tensor]) -> list[int]:
-    """Indices of the tensors of ``weights`` whose sum is not finite: every tensor holding NaN or Inf, and rarely one
-    of finite entries whose sum overflows. One sum per tensor and one device sync; sharded tensors (DTensors) are
-    summed shard by shard and the sums all-reduced."""
-    parts = local_parts(weights)
+def nonfinite_sums(parts: LocalParts) -> list[int]:
+    """Indices of the weights whose sum is not finite: every tensor holding NaN or Inf, and rarely one of finite
+    entries whose sum overflows. One sum per tensor and one device sync; the parts of sharded tensors (DTensors) are
+    summed on each rank and the sums all-reduced."""
     sums = parts.total(
         torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
     )
@@ -78,15 +77,38 @@ def _nonfinite_indices(sums: Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
 
 
-def _raise_if_any(suspects: list[int]) -> None:
-    if suspects:
-        raise NonFiniteScoresError(suspects)
+@torch.no_grad()
+def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
+    """Which tensors hold NaN or infinite entries: ``{index: (number of NaNs, number of infinities)}``.
 
+    A threshold selected over such weights means nothing (NaN scores are never counted, infinite ones always sort
+    last), so :func:`select_threshold` checks the sums of the weights (``check_finite``) and raises
+    :class:`NonFiniteScoresError` when one is not finite; this gives the exact counts. The common case, all finite,
+    costs one sum per tensor and one device sync: a sum is finite whenever every entry is (barring overflow, which the
+    exact count below then clears); only the tensors whose sum is not finite are counted entry by entry.
 
-def check_finite_sums(weights: Sequence[Tensor]) -> None:
-    """Raise :class:`NonFiniteScoresError` if a tensor of ``weights`` does not sum to a finite number
-    (:func:`nonfinite_sums`)."""
-    _raise_if_any(nonfinite_sums(weights))
+    Args:
+        weights: Floating-point tensors on one device; DTensors are checked shard by shard, with one all-reduce of
+            the sums (and of the counts, if any sum is not finite).
+
+    Returns:
+        The offending tensors' indices in ``weights`` with their NaN and infinity counts; empty if all are finite.
+
+    Example::
+
+        >>> nonfinite_counts([torch.ones(3), torch.tensor([1.0, float("nan"), float("-inf")])])
+        {1: (1, 1)}
+    """
+    if not weights:
+        return {}
+    parts = local_parts(weights)
+    suspects = nonfinite_sums(parts)
+    if not suspects:
+        return {}
+    chosen = parts.subset(suspects)
+    nans = chosen.count(lambda _, part: torch.isnan(part.detach()).sum())
+    infs = chosen.count(lambda _, part: torch.isinf(part.detach()).sum())
+    return {index: (n, i) for index, n, i in zip(suspects, nans, infs, strict=True) if n or i}
 
 
 _RADIX_BITS = 16
@@ -211,7 +233,7 @@ def _read_marked(
 
 
 def _select_near_pivot(
-    weights: Sequence[Tensor],
+    parts: LocalParts,
     factors: Sequence[float],
     shares: Sequence[float],
     goal: float,
@@ -223,15 +245,16 @@ def _select_near_pivot(
     """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a selection of candidates).
 
     With ``check_finite``, raise :class:`NonFiniteScoresError` first if a tensor's scores do not sum to a finite
-    number (from the fused pass's sums, or from a sum per tensor).
+    number (from the fused pass's own sums, or from a sum per tensor).
     """
+    weights = parts.tensors
     device = weights[0].device
     low = torch.tensor(pivot * (1.0 - window), dtype=torch.float32, device=device)
     high = torch.tensor(pivot * (1.0 + window), dtype=torch.float32, device=device)
     find = _near_pivot_fused if compile_kernels else _near_pivot_eager
     below, candidates, counts, sums = find(weights, factors, low, high)
     if check_finite:
-        _raise_if_any(nonfinite_sums(weights) if sums is None else _nonfinite_indices(sums))
+        _check_finite(parts, sums)
     below_goal = sum(share * count for share, count in zip(shares, below, strict=True))
     if below_goal >= goal:
         return None  # the answer is at or below the window
@@ -250,6 +273,14 @@ def _select_near_pivot(
     if index >= values.numel():
         return None  # the answer is above the window
     return values[index]
+
+
+def _check_finite(parts: LocalParts, sums: Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteScoresError` if a weight's scores do not sum to a finite number: from ``sums`` when a
+    pass over the weights already computed them, else with one sum per tensor (:func:`nonfinite_sums`)."""
+    suspects = nonfinite_sums(parts) if sums is None else _nonfinite_indices(sums)
+    if suspects:
+        raise NonFiniteScoresError(suspects)
 
 
 def _radix_select(
@@ -300,36 +331,41 @@ def select_threshold(
     check_finite: bool = False,
 ) -> Tensor:
     r"""Smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \cdot \#\{|w| f_i \le t,\ w \in \mathrm{weights}_i\}
-    \ge \mathrm{goal}`.
+    \ge \mathrm{goal}`; ``0`` when ``goal <= 0`` (nothing to prune).
+
+    The weights are prepared once (:func:`~lightning_stthree.core.distributed.local_parts`: what this rank counts,
+    and how the ranks' counts add up), then the selection runs on those parts: near ``pivot`` when it can, by radix
+    selection otherwise (see the module docstring).
 
     Args:
         weights: The raw weight tensors (any shapes and floating dtypes, one device); DTensors (sharded weights) are
             counted shard by shard and the counts all-reduced (see the module docstring).
         factors: Score factor per tensor (``score = |w| * factor``; 1 for ST-3's ``"l1"``).
         shares: What each weight of the tensor counts toward ``goal`` (1 to count weights).
-        goal: Must be ``> 0``; a goal above the total gives the largest score.
+        goal: A goal above the total gives the largest score.
         pivot: The previous threshold, if any: tried first as described in the module docstring.
         window: Half-width of the window around ``pivot``, relative to it, in ``(0, 1)``.
         compile_kernels: Count the scores around ``pivot`` with one fused kernel per tensor
             (:mod:`~lightning_stthree.core.kernels`); the counts, and so the result, are the same.
-        check_finite: Check that the scores of each tensor sum to a finite number before selecting (a threshold
-            over NaN or Inf scores means nothing). Free with ``compile_kernels`` near ``pivot`` (the fused pass sums
-            as it counts), otherwise one sum per tensor (:func:`nonfinite_sums`).
+        check_finite: Check that the scores of each tensor sum to a finite number, also when ``goal <= 0`` (a
+            threshold over NaN or Inf scores means nothing). Free with ``compile_kernels`` near ``pivot`` (the fused
+            pass sums as it counts), otherwise one sum per tensor (:func:`nonfinite_sums`).
 
     Returns:
-        A 0-dim float32 tensor on the weights' device, equal to one of the scores.
+        A 0-dim float32 tensor on the weights' device, equal to one of the scores (or ``0``).
 
     Raises:
         NonFiniteScoresError: With ``check_finite``, if the scores of some tensor do not sum to a finite number.
     """
     parts = local_parts(weights)
-    near = parts.reduce is None and pivot is not None and math.isfinite(pivot) and pivot > 0
+    tensors = parts.tensors
+    near = goal > 0 and parts.reduce is None and pivot is not None and math.isfinite(pivot) and pivot > 0
     if check_finite and not near:
-        check_finite_sums(weights)
-    if parts.reduce is not None:
-        return _radix_select(parts.tensors, factors, shares, goal, parts.reduce)
+        _check_finite(parts)
+    if goal <= 0:
+        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     if near:
-        answer = _select_near_pivot(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite)
+        answer = _select_near_pivot(parts, factors, shares, goal, pivot, window, compile_kernels, check_finite)
         if answer is not None:
             return answer
-    return _radix_select(weights, factors, shares, goal)
+    return _radix_select(tensors, factors, shares, goal, parts.reduce)

@@ -15,14 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.core.distributed import count_per_tensor
-from lightning_stthree.core.selection import (
-    PIVOT_WINDOW,
-    check_finite_sums,
-    nonfinite_sums,
-    score_chunks,
-    select_threshold,
-)
+from lightning_stthree.core.selection import PIVOT_WINDOW, score_chunks, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -72,10 +65,10 @@ def global_threshold(
 
     ``t`` is the k-th smallest score over all weights' scores, ``k = num_pruned(sparsity, N)`` (bitwise what
     ``torch.kthvalue`` gives on the concatenated scores), found tensor by tensor without concatenating or sorting the
-    weights (:func:`~lightning_stthree.core.selection.select_threshold`); ``pivot``, the previous threshold, speeds it up.
-    Pruned are the weights whose score is ``<= t``, so exactly ``k`` weights when scores have no ties. When ``k == 0``
-    the threshold is ``0``, which leaves every weight unchanged (a threshold taken at k=0 would shift every weight by
-    the smallest magnitude).
+    weights (:func:`~lightning_stthree.core.selection.select_threshold`); ``pivot``, the previous threshold, speeds it
+    up. Pruned are the weights whose score is ``<= t``, so exactly ``k`` weights when scores have no ties. When
+    ``k == 0`` the threshold is ``0``, which leaves every weight unchanged (a threshold taken at k=0 would shift every
+    weight by the smallest magnitude).
 
     Args:
         weights: The raw prunable weight tensors (any shapes, same device).
@@ -104,10 +97,6 @@ def global_threshold(
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity}")
     k = num_pruned(sparsity, sum(w.numel() for w in weights))
-    if k == 0:
-        if check_finite:
-            check_finite_sums(weights)
-        return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     ones = [1.0] * len(weights)
     return select_threshold(weights, factors, ones, float(k), pivot, window, compile_kernels, check_finite)
@@ -156,43 +145,18 @@ def weighted_global_threshold(
         raise ValueError(f"`shares` must hold one non-negative number per weight tensor, got {list(shares)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
-    if fraction == 0 or all(share == 0 for share in shares):
-        if check_finite:
-            check_finite_sums(weights)
-        return torch.zeros((), dtype=torch.float32, device=weights[0].device)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
     return select_threshold(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite)
 
 
-@torch.no_grad()
-def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
-    """Which tensors hold NaN or infinite entries: ``{index: (number of NaNs, number of infinities)}``.
-
-    A threshold selected over such weights means nothing (NaN scores are never counted, infinite ones always sort
-    last), so the callback's selection checks the sums of the weights at every threshold update
-    (``check_finite``) and calls this for the exact counts when one is not finite. The common case, all finite, costs
-    one sum per tensor and one device sync: a sum is finite whenever every entry is (barring overflow, which the exact
-    count below then clears); only the tensors whose sum is not finite are counted entry by entry.
-
-    Args:
-        weights: Floating-point tensors on one device; DTensors are checked shard by shard, with one all-reduce of
-            the sums (and of the counts, if any sum is not finite).
-
-    Returns:
-        The offending tensors' indices in ``weights`` with their NaN and infinity counts; empty if all are finite.
+def layer_thresholds(threshold: Tensor, shapes: Sequence[Sequence[int]], criterion: Criterion) -> list[Tensor]:
+    """Each layer's threshold on its raw magnitudes, ``t / layer_score_factor(shape)``, from the global ``t`` in score
+    units (rounded to ``t``'s float32).
 
     Example::
 
-        >>> nonfinite_counts([torch.ones(3), torch.tensor([1.0, float("nan"), float("-inf")])])
-        {1: (1, 1)}
+        >>> layer_thresholds(torch.tensor(6.0), [(4, 5), (3, 6)], "l1_std")
+        [tensor(2.), tensor(2.)]
     """
-    if not weights:
-        return {}
-    suspects = nonfinite_sums(weights)
-    if not suspects:
-        return {}
-    chosen = [weights[index] for index in suspects]
-    nans = count_per_tensor(chosen, lambda _, part: torch.isnan(part.detach()).sum())
-    infs = count_per_tensor(chosen, lambda _, part: torch.isinf(part.detach()).sum())
-    return {index: (n, i) for index, n, i in zip(suspects, nans, infs, strict=True) if n or i}
+    return [threshold / layer_score_factor(shape, criterion) for shape in shapes]
