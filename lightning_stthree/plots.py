@@ -1,4 +1,4 @@
-"""Figures people look at rather than read: sparsity over training, and per-layer density and MACs.
+"""Every figure of the package: sparsity over training, per-layer density and MACs, as PNG files and logger images.
 
 Needs matplotlib (``pip install "lightning-stthree[plot]"``). Figures are built without pyplot, so no display or
 backend is needed.
@@ -76,3 +76,33 @@ def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+def save_training_figures(
+    history: Sequence[Mapping[str, float]],
+    rows: Sequence[Mapping[str, Any]],
+    prefix: str,
+    title: str,
+    directory: str | os.PathLike[str],
+    trainer: Any = None,
+) -> list[Path]:
+    """Save ``<prefix>_sparsity.png`` (:func:`sparsity_history_figure`) and ``<prefix>_layers.png``
+    (:func:`layer_report_figure`) in ``directory``, and log both as figures to the TensorBoard loggers of ``trainer``
+    (tag ``<prefix>/<file name>``, at its ``global_step``), if one is given.
+
+    Returns:
+        The paths written.
+    """
+    figures = {
+        f"{prefix}_sparsity": sparsity_history_figure(history, title),
+        f"{prefix}_layers": layer_report_figure(rows),
+    }
+    paths = [save_figure(figure, Path(directory) / f"{name}.png") for name, figure in figures.items()]
+    if trainer is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, figure in figures.items():
+                    logger.experiment.add_figure(f"{prefix}/{name}", figure, global_step=trainer.global_step)
+    return paths

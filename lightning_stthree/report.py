@@ -1,4 +1,4 @@
-"""Per-layer sparsity and MACs report, for people (a table) and programs (a list of dicts)."""
+"""Per-layer sparsity and MACs report, for programs (a list of dicts) and people (a plain-text or rich table)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,22 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     """The report as a plain-text table (MACs in millions), for logs."""
     header, cells = report_cells(rows)
     return format_table(header, cells[:-1], cells[-1], left_columns=3)
+
+
+def print_rich_report(rows: list[dict[str, Any]], title: str) -> None:
+    """Print the report as a rich table (through rich's console, as Lightning's ``RichProgressBar`` does); layer
+    names are never truncated: the console is widened to the table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, cells = report_cells(rows)
+    table = Table(title=title)
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index < 3 else "right", no_wrap=True)
+    for index, line in enumerate(cells):
+        table.add_row(*line, end_section=index == len(cells) - 2)
+    # rich assumes 80 columns without a tty.
+    needed = sum(max(len(c[i]) for c in [header, *cells]) + 3 for i in range(len(header))) + 1
+    console = Console()
+    console.width = max(console.width, needed)
+    console.print(table)

@@ -16,32 +16,30 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree.core.checks import check_bool
-from lightning_stthree.core.distributed import count_per_tensor, follow_parametrization, is_dtensor
-from lightning_stthree.core.flops import measure_layer_macs, sparse_macs
+from lightning_stthree.callbacks.macs import measure_fit_macs
+from lightning_stthree.core.checks import check_bool, check_shape
+from lightning_stthree.core.distributed import follow_parametrization, is_dtensor
 from lightning_stthree.core.layers import (
     PRUNABLE_TYPES,
     find_prunable_layers,
-    pruned_tensor,
     pruned_tensor_name,
     unpruned_attention,
     validate_exclude,
     validate_include_types,
 )
 from lightning_stthree.methods.export import make_permanent
+from lightning_stthree.methods.measure import emptied_layers, layer_sparsity, macs_summary, raw_or_plain
 from lightning_stthree.methods.parametrization import RAW_KEY_PATTERN, raw_weight, remove_sparse_parametrization
 from lightning_stthree.methods.st3 import SparseParametrization, find_sparse_parametrization
-from lightning_stthree.plots import INSTALL_HINT, layer_report_figure, save_figure, sparsity_history_figure
-from lightning_stthree.report import format_report, report_cells, sparsity_report
+from lightning_stthree.plots import INSTALL_HINT, save_training_figures
+from lightning_stthree.report import format_report, print_rich_report, sparsity_report
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +88,6 @@ class SparseTrainingCallback(Callback):
             ("save_plots", save_plots),
         ):
             check_bool(name, flag)
-        if input_shape is not None and (
-            isinstance(input_shape, str)
-            or len(input_shape) == 0
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
-        ):
-            raise ValueError(
-                f"`input_shape` must be a list of positive ints, batch dimension first (e.g. [1, 3, 224, 224]), "
-                f"got {input_shape!r}"
-            )
         if save_plots:
             try:
                 import matplotlib  # noqa: F401
@@ -108,7 +97,7 @@ class SparseTrainingCallback(Callback):
         self.exclude = validate_exclude([] if exclude is None else exclude)
         self.log_layer_sparsity = log_layer_sparsity
         self.make_permanent_at_end = make_permanent_at_end
-        self.input_shape = None if input_shape is None else list(input_shape)
+        self.input_shape = None if input_shape is None else check_shape("input_shape", input_shape)
         self.report = report
         self.save_plots = save_plots
         # One record per logged step of the current run in this process (not checkpointed): the sparsity plot's data.
@@ -196,7 +185,7 @@ class SparseTrainingCallback(Callback):
     on_validation_end = on_test_end = on_predict_end = _stop_reusing
 
     def _reuse_effective_weights(self, reuse: bool) -> None:
-        if reuse and any(is_dtensor(self._raw_of(layer)) for layer in self._layers.values()):
+        if reuse and any(is_dtensor(raw_or_plain(layer)) for layer in self._layers.values()):
             return
         for parametrization in self._parametrizations():
             if reuse:
@@ -287,27 +276,11 @@ class SparseTrainingCallback(Callback):
         found = (find_sparse_parametrization(m) for m in self._layers.values())
         return [p for p in found if p is not None]
 
-    @torch.no_grad()
     def measure_sparsity(self) -> tuple[float, dict[str, float]]:
-        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer.
+        """Measured fraction of exactly-zero effective weights: over all pruned layers, and per layer
+        (:func:`~lightning_stthree.methods.measure.layer_sparsity`; every rank must call it when sharded)."""
+        return layer_sparsity(self._layers)
 
-        Counted on the raw weight with the parametrization's :meth:`~SparseParametrization.pruned` (one cheap pass,
-        the same entries as the zeros of the effective weight); layers made permanent are counted on their weight.
-        Sharded weights are counted shard by shard and the counts all-reduced: every rank gets the global values.
-        """
-        names = list(self._layers)
-        weights = [self._raw(name) for name in names]
-        parametrizations = [find_sparse_parametrization(self._layers[name]) for name in names]
-
-        def zeros(index: int, part: torch.Tensor) -> torch.Tensor:
-            parametrization = parametrizations[index]
-            return torch.count_nonzero(part == 0 if parametrization is None else parametrization.pruned(part))
-
-        counts = count_per_tensor(weights, zeros)
-        per_layer = {name: count / w.numel() for name, count, w in zip(names, counts, weights, strict=True)}
-        return sum(counts) / sum(w.numel() for w in weights), per_layer
-
-    @torch.no_grad()
     def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
         """Dense and sparse MACs per sample over all Linear/Conv layers, and their ratio (empty if not measured).
 
@@ -316,14 +289,7 @@ class SparseTrainingCallback(Callback):
         if not self._layer_macs:
             return {}
         sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
-        densities = {name: 1.0 - value for name, value in sparsity.items()}
-        others = [pruned_tensor(module) for module in self._other_layers.values()]
-        nonzero = count_per_tensor(others, lambda _, part: torch.count_nonzero(part))
-        for name, weight, count in zip(self._other_layers, others, nonzero, strict=True):
-            densities[name] = count / weight.numel()
-        dense = sum(self._layer_macs.values())
-        sparse = sparse_macs(self._layer_macs, densities)
-        return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}
+        return macs_summary(self._layer_macs, sparsity, self._other_layers)
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         """Log ``<prefix>/sparsity``, the MACs, the method's :meth:`_metrics` and the per-layer values, append to
@@ -345,22 +311,13 @@ class SparseTrainingCallback(Callback):
                     pl_module.log(f"{prefix}/layer/{name}/{key}", other, on_step=True, on_epoch=False)
         self.history.append({"step": step, **extra, "sparsity": sparsity, **macs})
 
-    def _raw(self, name: str) -> torch.Tensor:
-        """The raw weight of pruned layer ``name`` (its plain pruned tensor once made permanent)."""
-        return self._raw_of(self._layers[name])
-
-    @staticmethod
-    def _raw_of(module: nn.Module) -> torch.Tensor:
-        return pruned_tensor(module) if find_sparse_parametrization(module) is None else raw_weight(module)
-
     def _warn_emptied_layers(self, step: int, per_layer: dict[str, float]) -> None:
         """Warn (once per layer and run) when a layer has no weight left: its output no longer depends on its input,
         which is almost never intended and, with straight-through gradients, usually means training diverged. A layer
         whose raw weights are all zero (e.g. torchvision ViT's zero-initialised head) has lost nothing to pruning and is
         not reported."""
-        candidates = [name for name, value in per_layer.items() if value == 1.0 and name not in self._warned_empty]
-        nonzero = count_per_tensor([self._raw(name) for name in candidates], lambda _, part: torch.count_nonzero(part))
-        emptied = [name for name, count in zip(candidates, nonzero, strict=True) if count]
+        unwarned = {name: value for name, value in per_layer.items() if name not in self._warned_empty}
+        emptied = emptied_layers(self._layers, unwarned)
         if not emptied:
             return
         self._warned_empty.update(emptied)
@@ -374,82 +331,21 @@ class SparseTrainingCallback(Callback):
 
     def _measure_macs(self, pl_module: pl.LightningModule) -> None:
         """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""
-        name = self._name
         all_layers = find_prunable_layers(pl_module)
         self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
-        self._layer_macs = {}
-        example = pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
-        if example is None:
-            if self._macs_required:
-                raise MisconfigurationException(
-                    f"{name}(budget='flops') needs each layer's MACs, measured from an example input, but "
-                    f"{type(pl_module).__name__} has no `example_input_array`. HINT: set `self.example_input_array` "
-                    "in the LightningModule or pass `input_shape=[1, 3, 224, 224]` (your input's shape) to the "
-                    "callback."
-                )
-            rank_zero_info(
-                f"{name}: MACs are not logged because the model has no `example_input_array`; "
-                f"pass `input_shape` to the callback to log {self.log_prefix}/macs_*."
-            )
-            return
-        try:
-            self._layer_macs = measure_layer_macs(pl_module, example, all_layers)
-        except Exception as err:
-            if self._macs_required:
-                raise MisconfigurationException(
-                    f"{name}(budget='flops') could not measure MACs: the forward pass on the example input "
-                    f"failed with {type(err).__name__}: {err}. HINT: check `example_input_array` / `input_shape`."
-                ) from err
-            rank_zero_warn(
-                f"{name}: MACs are not logged: the forward pass on the example input failed with "
-                f"{type(err).__name__}: {err}"
-            )
-            return
-        uncounted = [layer for layer in self._layers if self._layer_macs[layer] == 0]
-        if uncounted and len(uncounted) == len(self._layers) and self._macs_required:
-            raise MisconfigurationException(
-                f"{name}(budget='flops'): the example input's forward pass called none of the pruned "
-                "layers, so they have no MACs. HINT: check `example_input_array` / `input_shape`."
-            )
-        if uncounted:
-            rank_zero_warn(
-                f"{name}: {len(uncounted)} pruned layers were not called as modules in the example forward "
-                f"pass (used functionally, or only in training mode) and count 0 MACs: {uncounted[:10]}"
-                + (" With budget='flops' their weights are pruned as if free." if self._macs_required else "")
-            )
+        self._layer_macs = measure_fit_macs(self, pl_module, all_layers)
 
     def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
         title = f"{self.method_name} sparsity report (MACs per sample)"
         if isinstance(trainer.progress_bar_callback, RichProgressBar):
-            from rich.console import Console
-            from rich.table import Table
-
-            header, cells = report_cells(rows)
-            table = Table(title=title)
-            for index, column in enumerate(header):
-                table.add_column(column, justify="left" if index < 3 else "right", no_wrap=True)
-            for index, line in enumerate(cells):
-                table.add_row(*line, end_section=index == len(cells) - 2)
-            # Never truncate layer names: widen the console to the table (rich assumes 80 columns without a tty).
-            needed = sum(max(len(c[i]) for c in [header, *cells]) + 3 for i in range(len(header))) + 1
-            console = Console()
-            console.width = max(console.width, needed)
-            console.print(table)
+            print_rich_report(rows, title)
         else:
             rank_zero_info(f"{title}:\n" + format_report(rows))
 
     def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]], directory: Path) -> None:
-        prefix = self.log_prefix
-        figures = {
-            f"{prefix}_sparsity": sparsity_history_figure(self.history, f"{self.method_name} sparsity over training"),
-            f"{prefix}_layers": layer_report_figure(rows),
-        }
-        for name, figure in figures.items():
-            path = save_figure(figure, directory / f"{name}.png")
+        title = f"{self.method_name} sparsity over training"
+        for path in save_training_figures(self.history, rows, self.log_prefix, title, directory, trainer):
             rank_zero_info(f"{self._name}: saved {path}")
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_figure(f"{prefix}/{name}", figure, global_step=trainer.global_step)
 
     # ------------------------------------------------------------------ attaching
 
@@ -508,7 +404,7 @@ class SparseTrainingCallback(Callback):
         """A method whose parametrization has parameters of its own cannot prune sharded (FSDP2) weights: FSDP2
         would not manage those parameters, so their gradients would differ across ranks. Nor can sharded layers be
         made permanent at the end of ``fit`` (said now rather than after training)."""
-        if not is_dtensor(self._raw_of(module)):
+        if not is_dtensor(raw_or_plain(module)):
             return
         if self.make_permanent_at_end:
             raise MisconfigurationException(

@@ -1,8 +1,8 @@
 """``stthree``: the LightningCLI of lightning-stthree (``fit``, ``validate``, ``test``, ``predict``).
 
 ``stthree fit`` with no arguments trains the embedded default (``lightning_stthree/recipes/configs/default.yaml``: a
-small CNN on scikit-learn's 8x8 digits, 90% sparsity) and prints a summary. Any LightningModule and
-LightningDataModule can be given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``ST3PruningCallback`` (or
+small CNN on scikit-learn's 8x8 digits, 90% sparsity) and prints a summary. Any LightningModule and LightningDataModule
+can be given by ``class_path`` (``--model``/``--data`` or a ``--config`` YAML), and ``ST3PruningCallback`` (or
 ``STRPruningCallback``) is configured under ``trainer.callbacks`` like any callback.
 """
 
