@@ -1,5 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The subprocess scripts live in tests/scripts; tests import their shared settings from there.
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

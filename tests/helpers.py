@@ -149,6 +149,10 @@ def make_tiny_idx_dataset(
     return arrays
 
 
+# The scripts the subprocess tests run (multi-process DDP and FSDP2 runs).
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's rendezvous)."""
     with socket.socket() as s:

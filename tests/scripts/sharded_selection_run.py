@@ -1,4 +1,5 @@
-"""Run by ``test_sharded.py`` as a script: the global threshold over weights sharded across 4 CPU processes (gloo).
+"""Run by ``tests/callbacks/test_sharded.py`` as a script: the global threshold over weights sharded across 4 CPU
+processes (gloo).
 
 Every rank builds the same full weights from one seed, shards them as DTensors (FSDP2's ``Shard(0)`` on a 1-D mesh;
 HSDP's ``(Replicate(), Shard(0))`` on a 2x2 mesh; some layers left as plain tensors) and computes the threshold from
@@ -24,7 +25,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from lightning_stthree.core.distributed import count_per_tensor
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 from sharded_threshold import count_all_reduce_bytes  # the benchmark's own byte count
 
 from lightning_stthree.core.selection import nonfinite_counts

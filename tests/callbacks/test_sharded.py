@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import free_port, run_script
+from helpers import SCRIPTS, free_port, run_script
 from sharded_run import STEPS_PER_EPOCH
 
 from lightning_stthree import load_sparse_weights
 from lightning_stthree.core.distributed import LocalParts, count_per_tensor, local_parts, on_local_rows
 
-HERE = Path(__file__).parent
-RUN = HERE / "sharded_run.py"
-SELECTION_RUN = HERE / "sharded_selection_run.py"
+RUN = SCRIPTS / "sharded_run.py"
+SELECTION_RUN = SCRIPTS / "sharded_selection_run.py"
+ROOT = Path(__file__).parents[2]
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
@@ -163,7 +163,7 @@ def test_str_refuses_sharded_weights(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", ["digits_fsdp", "digits_ddp"])
 def test_shipped_multi_process_configs_train_to_the_target(tmp_path: Path, config: str) -> None:
     """The README's multi-process recipes, as a user runs them (2 CPU processes), 2 epochs instead of 15."""
-    path = HERE.parent / "examples" / "configs" / f"{config}.yaml"
+    path = ROOT / "examples" / "configs" / f"{config}.yaml"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lightning_stthree", "fit", "--config", str(path), "--trainer.max_epochs=2"]
     command += ["--trainer.enable_progress_bar=false"]

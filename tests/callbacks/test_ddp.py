@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import SCRIPTS, run_script
 
-SCRIPT = Path(__file__).with_name("ddp_run.py")
+SCRIPT = SCRIPTS / "ddp_run.py"
 
 
 def _run(strategy: str, out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Run by ``test_ddp.py`` as a script: 2-process CPU DDP training.
+"""Run by ``tests/callbacks/test_ddp.py`` as a script: 2-process CPU DDP training.
 
 With ``ddp``, Lightning launches the second process by running this script again, and each rank saves its masks and
 threshold. With ``ddp_spawn``, the workers are spawned and the main process gets the trained weights back through a

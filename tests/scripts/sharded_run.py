@@ -1,5 +1,5 @@
-"""Run by ``test_sharded.py`` as a script: the same ST-3 training in one process, under 2-process DDP and under
-2-process FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``), on CPU with gloo.
+"""Run by ``tests/callbacks/test_sharded.py`` as a script: the same ST-3 training in one process, under 2-process DDP
+and under 2-process FSDP2 (``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``), on CPU with gloo.
 
 Every run sees the same 16 samples per optimizer step: one process takes batches of 16, two processes take 8 each
 (``DistributedSampler`` without shuffling deals samples 0, 2, 4, ... to rank 0 and 1, 3, 5, ... to rank 1), and the

@@ -15,7 +15,7 @@ from lightning_stthree import SparseTrainingCallback, ST3PruningCallback, STRPru
 from lightning_stthree.recipes.cli import DEFAULT_CONFIG, main
 from lightning_stthree.recipes.models import ImageClassifier
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 
 
