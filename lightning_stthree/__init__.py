@@ -67,4 +67,4 @@ _moved.install()
 
 def __getattr__(name: str) -> Any:
     # The top-level names of 0.1 that left `__all__` still resolve, with a FutureWarning naming their module.
-    return _moved.moved_attribute(name)
+    return _moved.moved_attribute(__name__, name)

@@ -29,14 +29,14 @@ _PACKAGE = "lightning_stthree"
 MOVED_MODULES: dict[str, tuple[str, ...]] = {
     f"{_PACKAGE}.{old}": tuple(f"{_PACKAGE}.{new}" for new in news)
     for old, news in {
-        "callback": ("callbacks",),
+        "callback": ("callbacks", "callbacks.base", "core.schedule", "core.tracking", "callbacks.st3"),
         "sparse_callback": ("callbacks.base",),
         "parametrization": ("methods.st3", "methods.parametrization"),
         "str_pruning": ("methods.str",),
         "export": ("methods.export",),
         "schedule": ("core.schedule",),
         "selection": ("core.selection",),
-        "threshold": ("core.threshold",),
+        "threshold": ("core.threshold", "core.selection"),
         "flops": ("core.flops",),
         "layers": ("core.layers",),
         "distributed": ("core.distributed",),
@@ -50,25 +50,38 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
 # Names that were renamed: old name -> new name.
 RENAMED: dict[str, str] = {"remove_st3_parametrization": "remove_sparse_parametrization"}
 
-# Top-level names of 0.1 that are no longer in `lightning_stthree.__all__` -> the module holding them now.
-MOVED_NAMES: dict[str, str] = {
-    f"{name}": f"{_PACKAGE}.{module}"
-    for module, names in {
-        "core.layers": ("PRUNABLE_TYPES",),
-        "core.flops": ("measure_layer_macs", "sparse_macs"),
-        "core.schedule": ("resolve_step",),
-        "core.threshold": ("layer_score_factor", "num_pruned", "pruning_scores"),
-        "core.selection": ("nonfinite_counts",),
-        "methods.parametrization": ("remove_st3_parametrization",),
-        "inference": (
-            "LayerChoice",
-            "SparseConv2d",
-            "SparseInferenceReport",
-            "SparseLinear",
-            "SparseMultiheadAttention",
-        ),
+# Names of 0.1 that are gone, with what replaces them (the AttributeError says so).
+REMOVED: dict[str, str] = {
+    "check_finite_sums": "`select_threshold(..., check_finite=True)` and `global_threshold(..., check_finite=True)` "
+    "check the weights on the selection's own pass; `nonfinite_counts(weights)` gives the NaN/Inf counts",
+}
+
+# Names of 0.1 that a package no longer holds itself, by package -> {name: the module holding it now}: the top-level
+# names that left `lightning_stthree.__all__`, and the internals of 0.1's single-module `inference`.
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    package: {name: f"{_PACKAGE}.{module}" for module, names in table.items() for name in names}
+    for package, table in {
+        _PACKAGE: {
+            "core.layers": ("PRUNABLE_TYPES",),
+            "core.flops": ("measure_layer_macs", "sparse_macs"),
+            "core.schedule": ("resolve_step",),
+            "core.threshold": ("layer_score_factor", "num_pruned", "pruning_scores"),
+            "core.selection": ("nonfinite_counts",),
+            "methods.parametrization": ("remove_st3_parametrization",),
+            "inference": (
+                "LayerChoice",
+                "SparseConv2d",
+                "SparseInferenceReport",
+                "SparseLinear",
+                "SparseMultiheadAttention",
+            ),
+        },
+        f"{_PACKAGE}.inference": {
+            "inference.convert": ("DEFAULT_MIN_SPEEDUP", "HALF_OUTPUT_TOLERANCE", "OUTPUT_TOLERANCE"),
+            "inference.csr": ("conv_output_size", "csr_row_slice"),
+            "inference.timing": ("Call", "interleaved_times"),
+        },
     }.items()
-    for name in names
 }
 
 _warned: set[str] = set()
@@ -93,6 +106,8 @@ def _resolve(modules: tuple[str, ...], name: str) -> Any:
         for candidate in (name, RENAMED.get(name)):
             if candidate is not None and hasattr(module, candidate):
                 return getattr(module, candidate)
+    if name in REMOVED:
+        raise AttributeError(f"`{name}` was removed in lightning-stthree 0.2: {REMOVED[name]}")
     raise AttributeError(f"`{name}` is not in {' or '.join(modules)}")
 
 
@@ -109,6 +124,8 @@ class _MovedModule(types.ModuleType):
         try:
             return _resolve(self._targets, name)
         except AttributeError:
+            if name in REMOVED:
+                raise
             moved = " and ".join(self._targets)
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r} (it moved to {moved})") from None
 
@@ -138,15 +155,16 @@ def install() -> None:
         sys.meta_path.append(_MovedModuleFinder())
 
 
-def moved_attribute(name: str) -> Any:
-    """A top-level name of 0.1 that left ``lightning_stthree.__all__``, from where it lives now (warns once).
+def moved_attribute(package: str, name: str) -> Any:
+    """A name of 0.1 that ``package`` no longer holds itself (:data:`MOVED_NAMES`), from where it lives now, with a
+    ``FutureWarning`` once per process. For the packages' module-level ``__getattr__``.
 
     Raises:
-        AttributeError: If ``name`` was never a name of the package.
+        AttributeError: If ``name`` was never a name of ``package``.
     """
-    if name not in MOVED_NAMES:
-        raise AttributeError(f"module {_PACKAGE!r} has no attribute {name!r}")
-    module = MOVED_NAMES[name]
-    new = RENAMED.get(name, name)
-    _warn_once(f"{_PACKAGE}.{name}", f"{module}.{new}", stacklevel=3)  # caller -> __getattr__ -> here
+    moved = MOVED_NAMES.get(package, {})
+    if name not in moved:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    module = moved[name]
+    _warn_once(f"{package}.{name}", f"{module}.{RENAMED.get(name, name)}", stacklevel=3)  # caller -> __getattr__
     return _resolve((module,), name)

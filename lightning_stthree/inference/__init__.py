@@ -20,6 +20,8 @@ constants), ``report`` (the report classes) and ``timing`` (the interleaved timi
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning_stthree.inference.convert import restore_sparse_inference, to_sparse_inference
 from lightning_stthree.inference.csr import conv_weight_to_csr, csr_conv2d, csr_linear, dense_to_csr
 from lightning_stthree.inference.modules import SparseConv2d, SparseLinear, SparseMultiheadAttention
@@ -39,3 +41,10 @@ __all__ = [
     "restore_sparse_inference",
     "to_sparse_inference",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1's single-module `inference` also held its constants and timing helpers: still resolved, with a FutureWarning.
+    from lightning_stthree import _moved
+
+    return _moved.moved_attribute(__name__, name)
