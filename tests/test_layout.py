@@ -100,3 +100,30 @@ def test_the_public_surface_is_small_and_everything_in_it_exists() -> None:
     assert len(lightning_stthree.__all__) <= 25
     assert all(hasattr(lightning_stthree, name) for name in lightning_stthree.__all__)
     assert not [name for name in lightning_stthree.__all__ if name.startswith("_")]
+
+
+# The layers of README's *Architecture*, in order: a module imports only from its own layer or the ones before it.
+LAYERS = [
+    ("lightning_stthree.core",),
+    ("lightning_stthree.methods",),
+    ("lightning_stthree.report", "lightning_stthree.plots"),
+    ("lightning_stthree.inference",),
+    ("lightning_stthree.callbacks",),
+    ("lightning_stthree.recipes", "lightning_stthree.__main__"),
+]
+
+
+def _layer(module: str) -> int | None:
+    for rank, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    return None
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_only_to_the_same_layer_or_below(path: Path) -> None:
+    own = _layer(_module_name(path))
+    if own is None:
+        return  # the top-level package and its alias machinery sit above every layer
+    upward = [m for m in _package_imports(path) if (_layer(m) or 0) > own]
+    assert upward == []

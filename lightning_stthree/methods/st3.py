@@ -212,7 +212,7 @@ class SoftThresholdParametrization(SparseParametrization):
         >>> from torch.nn.utils import parametrize
         >>> layer = nn.Linear(4, 2)
         >>> parametrize.register_parametrization(layer, "weight", SoftThresholdParametrization())
-        Linear(...)
+        ParametrizedLinear(...)
     """
 
     threshold: Tensor
