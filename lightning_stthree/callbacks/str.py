@@ -76,10 +76,11 @@ class STRPruningCallback(SparseTrainingCallback):
         report: bool = True,
         save_plots: bool = False,
     ) -> None:
-        if isinstance(s_init, bool) or not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
-            raise ValueError(
-                f"`s_init` must be a finite number (the initial threshold is sigmoid(s_init)), got {s_init!r}"
-            )
+        rule = "a finite number (the initial threshold is sigmoid(s_init))"
+        if isinstance(s_init, bool) or not isinstance(s_init, (int, float)):
+            raise TypeError(f"`s_init` must be {rule}, got {s_init!r}")
+        if not math.isfinite(s_init):
+            raise ValueError(f"`s_init` must be {rule}, got {s_init!r}")
         super().__init__(
             include_types=include_types,
             exclude=exclude,

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_stthree.core.checks import check_strings
+
 # Layer types whose pruned tensor has its output channels on dim 0, which the per-channel rescale relies on.
 PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -55,12 +57,10 @@ def validate_include_types(include_types: Sequence[str]) -> tuple[str, ...]:
     """Check layer type names given by the user; return them as a tuple.
 
     Raises:
-        TypeError: If ``include_types`` is not a sequence of strings.
+        TypeError: If ``include_types`` is not a list of non-empty strings.
         ValueError: If it is empty or names a type other than those of :data:`PRUNABLE_TYPES`.
     """
-    if isinstance(include_types, str) or not all(isinstance(name, str) for name in include_types):
-        raise TypeError(f"`include_types` must be a list of layer type names, got {include_types!r}")
-    names = tuple(include_types)
+    names = check_strings("include_types", include_types, "layer type names")
     if not names:
         raise ValueError(f"`include_types` must name at least one of {sorted(PRUNABLE_TYPES)}, got an empty list")
     unknown = [name for name in names if name not in PRUNABLE_TYPES]
@@ -75,11 +75,7 @@ def validate_exclude(exclude: Sequence[str]) -> tuple[str, ...]:
     Raises:
         TypeError: If ``exclude`` is not a sequence of non-empty strings.
     """
-    if isinstance(exclude, str) or not all(isinstance(p, str) and p for p in exclude):
-        raise TypeError(
-            f"`exclude` must be a list of glob patterns on module names (e.g. ['fc', 'layer4.*']), got {exclude!r}"
-        )
-    return tuple(exclude)
+    return check_strings("exclude", exclude, "glob patterns on module names (e.g. ['fc', 'layer4.*'])")
 
 
 def find_prunable_layers(

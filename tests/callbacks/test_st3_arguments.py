@@ -38,6 +38,8 @@ from lightning_stthree import ST3PruningCallback
         ({"include_types": "Linear"}, TypeError, r"`include_types` must be a list of layer type names, got 'Linear'"),
         ({"exclude": "fc"}, TypeError, r"`exclude` must be a list of glob patterns on module names"),
         ({"exclude": [""]}, TypeError, r"`exclude` must be a list of glob patterns on module names"),
+        ({"include_types": 5}, TypeError, r"`include_types` must be a list of layer type names, got 5"),
+        ({"include_types": ["Linear", 3]}, TypeError, r"`include_types` must be a list of layer type names"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, error: type[Exception], message: str) -> None:

@@ -128,9 +128,11 @@ def test_str_without_weight_decay_on_s_warns(tmp_path: Path) -> None:
         trainer.fit(NoDecay(), random_loader(2))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x", True])
-def test_str_rejects_a_bad_s_init(bad: object) -> None:
-    with pytest.raises(ValueError, match=r"`s_init` must be a finite number"):
+@pytest.mark.parametrize(
+    ("bad", "error"), [(float("nan"), ValueError), (float("inf"), ValueError), ("x", TypeError), (True, TypeError)]
+)
+def test_str_rejects_a_bad_s_init(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"`s_init` must be a finite number \(the initial threshold is sigmoid\(s_init\)\)"):
         STRPruningCallback(s_init=bad)  # type: ignore[arg-type]
 
 
