@@ -14,6 +14,7 @@ will be removed in a later release.
 """
 
 from __future__ import annotations
+import __future__
 
 import importlib
 import importlib.abc
@@ -90,13 +91,13 @@ _warned: set[str] = set()
 def _warn_once(old: str, new: str, stacklevel: int) -> None:
     if old in _warned:
         return
-    _warned.add(old)
     warnings.warn(
         f"`{old}` moved to `{new}` in lightning-stthree 0.2; the old path still works but will be removed in a later "
         "release. HINT: update the import (or the `class_path` in your LightningCLI YAML).",
         FutureWarning,
         stacklevel=stacklevel + 1,
     )
+    _warned.add(old)  # after the warning: where warnings are errors, every use raises
 
 
 def _resolve(modules: tuple[str, ...], name: str) -> Any:
@@ -111,14 +112,33 @@ def _resolve(modules: tuple[str, ...], name: str) -> Any:
     raise AttributeError(f"`{name}` is not in {' or '.join(modules)}")
 
 
+def _holder(targets: tuple[str, ...], name: str) -> types.ModuleType:
+    """The first of ``targets`` that has ``name`` (the first target if none has it)."""
+    modules = [importlib.import_module(t) for t in targets]
+    return next((m for m in modules if hasattr(m, name)), modules[0])
+
+
+def _is_definition(value: Any) -> bool:
+    """Whether a module attribute is something the module defines or re-exports (not a module it imported, nor
+    ``from __future__ import annotations``)."""
+    return not isinstance(value, (types.ModuleType, __future__._Feature))
+
+
 class _MovedModule(types.ModuleType):
-    """Stands at an old module path; every attribute is read from the modules that hold it now."""
+    """Stands at an old module path: every attribute is read from, and written to, the modules that hold it now (so
+    ``monkeypatch.setattr("lightning_stthree.selection.CHUNK_SIZE", ...)`` patches the real module, and its undo puts
+    the real value back)."""
+
+    _LOCAL = frozenset({"_targets", "_originals"})
 
     def __init__(self, name: str, targets: tuple[str, ...]) -> None:
         super().__init__(name, f"Moved to {', '.join(targets)} (lightning-stthree 0.2).")
         self._targets = targets
+        self._originals: dict[str, tuple[types.ModuleType, Any]] = {}  # names assigned through the alias
 
     def __getattr__(self, name: str) -> Any:
+        if name == "__all__":  # `from <old module> import *`: the public names the modules holding them now define
+            return [n for n in self.__dir__() if not n.startswith("_") and _is_definition(getattr(self, n))]
         if name.startswith("__"):
             raise AttributeError(name)
         try:
@@ -129,8 +149,31 @@ class _MovedModule(types.ModuleType):
             moved = " and ".join(self._targets)
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r} (it moved to {moved})") from None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__") or name in self._LOCAL:
+            super().__setattr__(name, value)
+            return
+        holder = _holder(self._targets, name)
+        if hasattr(holder, name):
+            self._originals.setdefault(name, (holder, getattr(holder, name)))
+        setattr(holder, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        # Deleting a name assigned through the alias puts back the value it had before (what `monkeypatch`'s undo
+        # means: it sees no entry of the alias's own and deletes); the modules' own names are never deleted.
+        if name.startswith("__") or name in self._LOCAL:
+            super().__delattr__(name)
+        elif name in self._originals:
+            holder, value = self._originals.pop(name)
+            setattr(holder, name, value)
+        else:
+            raise AttributeError(
+                f"module {self.__name__!r}: only names assigned through it can be deleted, not {name!r}"
+            )
+
     def __dir__(self) -> list[str]:
-        return sorted({n for t in self._targets for n in dir(importlib.import_module(t))})
+        names = {n for t in self._targets for n in dir(importlib.import_module(t)) if not n.startswith("__")}
+        return sorted(names)
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -152,7 +195,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Let the old module paths import (idempotent). Called by ``lightning_stthree/__init__.py``."""
     if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
-        sys.meta_path.append(_MovedModuleFinder())
+        sys.meta_path.insert(0, _MovedModuleFinder())  # it claims only the exact old names
 
 
 def moved_attribute(package: str, name: str) -> Any:
@@ -162,6 +205,10 @@ def moved_attribute(package: str, name: str) -> Any:
     Raises:
         AttributeError: If ``name`` was never a name of ``package``.
     """
+    old_module = f"{package}.{name}"
+    if old_module in MOVED_MODULES:  # `lightning_stthree.threshold` as an attribute, as 0.1 imported it
+        _warn_once(old_module, " and ".join(MOVED_MODULES[old_module]), stacklevel=3)  # caller -> __getattr__
+        return importlib.import_module(old_module)
     moved = MOVED_NAMES.get(package, {})
     if name not in moved:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -333,6 +333,7 @@ class SparseTrainingCallback(Callback):
         """Measure every Linear/Conv layer's dense MACs, from ``input_shape`` or ``example_input_array``."""
         all_layers = find_prunable_layers(pl_module)
         self._other_layers = {n: m for n, m in all_layers.items() if n not in self._layers}
+        self._layer_macs = {}  # not the last run's, should the measurement fail
         self._layer_macs = measure_fit_macs(self, pl_module, all_layers)
 
     def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:

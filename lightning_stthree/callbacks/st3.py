@@ -20,13 +20,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree.callbacks.base import SparseTrainingCallback
-from lightning_stthree.core.checks import check_bool, check_choice, check_int
+from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
 from lightning_stthree.core.distributed import local_tensor
 from lightning_stthree.core.kernels import check_compiles
 from lightning_stthree.core.layers import pruned_tensor
 from lightning_stthree.core.schedule import DEFAULT_POWER, ScheduleError, SparsitySchedule, StepSpec
-from lightning_stthree.core.threshold import layer_thresholds
-from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
+from lightning_stthree.core.threshold import CRITERIA, layer_thresholds
+from lightning_stthree.core.tracking import BUDGETS, NonFiniteWeightsError, ThresholdTracker
 from lightning_stthree.methods.parametrization import raw_weight
 from lightning_stthree.methods.st3 import (
     SoftThresholdParametrization,
@@ -35,6 +35,41 @@ from lightning_stthree.methods.st3 import (
 )
 
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
+
+
+def _schedule_setting(name: str, doc: str) -> property:
+    """A callback attribute that is a setting of its :class:`SparsitySchedule` (assigning validates and rebuilds it)."""
+
+    def get(callback: ST3PruningCallback) -> Any:
+        return getattr(callback.schedule, name)
+
+    def set_(callback: ST3PruningCallback, value: Any) -> None:
+        with callback._as_misconfiguration():
+            callback.schedule = callback.schedule.replace(**{name: value})
+
+    return property(get, set_, doc=doc)
+
+
+_TRACKER_CHECKS: dict[str, Any] = {
+    "criterion": lambda value: check_choice("criterion", value, CRITERIA),
+    "budget": lambda value: check_choice("budget", value, BUDGETS),
+    "compile_kernels": lambda value: check_bool("compile_kernels", value),
+    "threshold": lambda value: check_number("threshold", value, 0.0),
+    "sparsity": lambda value: check_number("sparsity", value, 0.0, 1.0),
+    "step": lambda value: check_int("last_update_step", value, minimum=-1),
+}
+
+
+def _tracker_setting(name: str, doc: str) -> property:
+    """A callback attribute kept by its :class:`ThresholdTracker` (assigning validates it)."""
+
+    def get(callback: ST3PruningCallback) -> Any:
+        return getattr(callback.tracker, name)
+
+    def set_(callback: ST3PruningCallback, value: Any) -> None:
+        setattr(callback.tracker, name, _TRACKER_CHECKS[name](value))
+
+    return property(get, set_, doc=doc)
 
 
 class ST3PruningCallback(SparseTrainingCallback):
@@ -181,19 +216,19 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     # ------------------------------------------------------------------ the settings and the state, by their names
 
-    # The settings live in the schedule and the tracker; the callback shows them under their argument names.
-    target_sparsity = property(lambda self: self.schedule.target_sparsity, doc="The schedule's final sparsity.")
-    start = property(lambda self: self.schedule.start, doc="Where the ramp starts (int step or float fraction).")
-    end = property(lambda self: self.schedule.end, doc="Where the ramp reaches the target (int or float).")
-    power = property(lambda self: self.schedule.power, doc="The ramp's exponent.")
-    freeze_at = property(lambda self: self.schedule.freeze_at, doc="Where the fine-tune phase starts, or None.")
-    criterion = property(lambda self: self.tracker.criterion, doc='"l1" (ST-3) or "l1_std" (ST-3 sigma).')
-    budget = property(lambda self: self.tracker.budget, doc='"params" or "flops".')
-    compile_kernels = property(lambda self: self.tracker.compile_kernels, doc="Whether kernels are fused.")
-    # The run state, kept by the tracker (and saved in checkpoints).
-    threshold = property(lambda self: self.tracker.threshold, doc="The last global threshold, in score units.")
-    sparsity = property(lambda self: self.tracker.sparsity, doc="The scheduled sparsity at the last update.")
-    last_update_step = property(lambda self: self.tracker.step, doc="The step of the last update (-1 before any).")
+    # The settings live in the schedule and the tracker, the run state in the tracker: the callback shows them under
+    # their argument names, and assigning one goes through the same checks as the constructor.
+    target_sparsity = _schedule_setting("target_sparsity", "The schedule's final sparsity.")
+    start = _schedule_setting("start", "Where the ramp starts (int step or float fraction of the run).")
+    end = _schedule_setting("end", "Where the ramp reaches the target (int step or float fraction).")
+    power = _schedule_setting("power", "The ramp's exponent.")
+    freeze_at = _schedule_setting("freeze_at", "Where the fine-tune phase starts (int or float), or None.")
+    criterion = _tracker_setting("criterion", "``'l1'`` (ST-3) or ``'l1_std'`` (ST-3 sigma).")
+    budget = _tracker_setting("budget", "``'params'`` or ``'flops'``.")
+    compile_kernels = _tracker_setting("compile_kernels", "Whether the effective weights and the selection are fused.")
+    threshold = _tracker_setting("threshold", "The global threshold of the last update, in score units.")
+    sparsity = _tracker_setting("sparsity", "The scheduled sparsity at the last threshold update.")
+    last_update_step = _tracker_setting("step", "The optimizer step of the last threshold update (-1 before any).")
 
     @property
     @override
@@ -306,12 +341,13 @@ class ST3PruningCallback(SparseTrainingCallback):
     @torch.no_grad()
     def update_threshold(self, step: int) -> None:
         """Recompute the global threshold for optimizer ``step`` and write each layer's share into its buffer."""
+        sparsity = self.schedule.sparsity_at(step)
         weights = [raw_weight(m) for m in self._layers.values()]
         shares = None
         if self.budget == "flops":
             shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
         try:
-            threshold = self.tracker.update(weights, self.schedule.sparsity_at(step), step, shares)
+            threshold = self.tracker.update(weights, sparsity, step, shares)
         except NonFiniteWeightsError as error:
             self._on_nonfinite_weights(step, weights, error.counts)
             return

@@ -9,7 +9,9 @@ backticks, shows the value received and says what is allowed (LightningCLI print
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 _INTERVAL_ENDS = ("[]", "[)", "(]", "()")
@@ -34,7 +36,8 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_int(name: str, value: object, minimum: int | None = None, unit: str | None = None) -> int:
-    """Return ``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``.
+    """Return ``value`` as an ``int`` if it is an integer (``int``, ``numpy.int64``, ...; not a ``bool``), ``>=
+    minimum``.
 
     Args:
         name: The argument's name.
@@ -54,25 +57,26 @@ def check_int(name: str, value: object, minimum: int | None = None, unit: str | 
         ValueError: `update_every` must be an int >= 1 (optimizer steps), got 0
     """
     allowed = "an int" + ("" if minimum is None else f" >= {minimum}") + ("" if unit is None else f" ({unit})")
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be {allowed}, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_number(name: str, value: object, low: float = -math.inf, high: float = math.inf, closed: str = "[]") -> float:
-    """Return ``value`` as a ``float`` if it is a finite real number in the interval from ``low`` to ``high``.
+    """Return ``value`` as a ``float`` if it is a finite real number (``int``, ``float``, ``numpy.float32``, ...; not a
+    ``bool``) in the interval from ``low`` to ``high``.
 
     Args:
         name: The argument's name.
-        value: What was given (an ``int`` or a ``float``).
+        value: What was given.
         low: The interval's lower end.
         high: The interval's upper end.
         closed: Which ends are included: ``"[]"``, ``"[)"``, ``"(]"`` or ``"()"``.
 
     Raises:
-        TypeError: If ``value`` is not an ``int`` or ``float`` (a ``bool`` or a string included).
+        TypeError: If ``value`` is not a real number (a ``bool`` or a string included).
         ValueError: If it is NaN, infinite or outside the interval.
 
     Example::
@@ -85,20 +89,27 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
     if closed not in _INTERVAL_ENDS:
         raise ValueError(f"`closed` must be one of {_INTERVAL_ENDS}, got {closed!r}")
     interval = f"{closed[0]}{low:g}, {high:g}{closed[1]}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a number in {interval}, got {value!r}")
-    above = value >= low if closed[0] == "[" else value > low
-    below = value <= high if closed[1] == "]" else value < high
-    if not math.isfinite(value) or not (above and below):
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf if value > 0 else -math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number in {interval}, got {value!r}")
+    above = number >= low if closed[0] == "[" else number > low
+    below = number <= high if closed[1] == "]" else number < high
+    if not (above and below):
         raise ValueError(f"`{name}` must be in {interval}, got {value!r}")
-    return float(value)
+    return number
 
 
 def check_choice(name: str, value: object, choices: Sequence[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``.
 
     Raises:
-        ValueError: Otherwise, listing the choices (a value of another type is not among them either).
+        TypeError: If ``value`` is not of the choices' type (e.g. a number where the choices are strings).
+        ValueError: If it is of their type but not among them.
 
     Example::
 
@@ -107,13 +118,17 @@ def check_choice(name: str, value: object, choices: Sequence[Any]) -> Any:
         ...
         ValueError: `criterion` must be one of ('l1', 'l1_std'), got 'l2'
     """
-    if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}")
+    message = f"`{name}` must be one of {tuple(choices)}, got {value!r}"
+    if not any(type(value) is type(choice) for choice in choices):
+        raise TypeError(message)
+    if value not in choices:
+        raise ValueError(message)
     return value
 
 
 def check_strings(name: str, value: object, what: str) -> tuple[str, ...]:
-    """Return ``value`` as a tuple if it is a list (or tuple) of non-empty strings.
+    """Return ``value`` as a tuple if it is a list, tuple or set of non-empty strings (a set sorted, so that the result
+    is the same in every process).
 
     Args:
         name: The argument's name.
@@ -123,9 +138,11 @@ def check_strings(name: str, value: object, what: str) -> tuple[str, ...]:
     Raises:
         TypeError: If ``value`` is a single string, not a sequence, or holds something other than non-empty strings.
     """
-    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) and v for v in value):
+    if isinstance(value, str) or not isinstance(value, (Sequence, AbstractSet)):
         raise TypeError(f"`{name}` must be a list of {what}, got {value!r}")
-    return tuple(value)
+    if not all(isinstance(v, str) and v for v in value):
+        raise TypeError(f"`{name}` must be a list of {what}, got {value!r}")
+    return tuple(sorted(value)) if isinstance(value, AbstractSet) else tuple(value)
 
 
 def check_shape(name: str, value: object) -> list[int]:

@@ -149,6 +149,22 @@ class SparsitySchedule:
                 f"and end={end}"
             )
         self._steps: tuple[int, int, int | None] | None = None
+        self.total_steps: float | None = None  # of the run it was last resolved for
+
+    def replace(self, **changes: object) -> SparsitySchedule:
+        """A new schedule with some settings changed (validated again), resolved for the same run if this one is.
+
+        Example::
+
+            >>> SparsitySchedule(0.9, start=0, end=10).replace(target_sparsity=0.5).target_sparsity
+            0.5
+        """
+        settings = {name: getattr(self, name) for name in ("target_sparsity", "start", "end", "power", "freeze_at")}
+        settings.update(changes)
+        schedule = SparsitySchedule(**settings)  # type: ignore[arg-type]
+        if self.total_steps is not None:
+            schedule.resolve(self.total_steps)
+        return schedule
 
     @property
     def fractions(self) -> list[str]:
@@ -192,6 +208,7 @@ class SparsitySchedule:
                 f"{freeze}, end={self.end} -> step {end} {steps}. HINT: choose `freeze_at` >= `end`."
             )
         self._steps = (start, end, freeze)
+        self.total_steps = total_steps
 
     @property
     def resolved(self) -> bool:

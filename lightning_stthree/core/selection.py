@@ -63,10 +63,15 @@ class NonFiniteScoresError(FloatingPointError):
         self.suspects = suspects
 
 
-def nonfinite_sums(parts: LocalParts) -> list[int]:
-    """Indices of the weights whose sum is not finite: every tensor holding NaN or Inf, and rarely one of finite
-    entries whose sum overflows. One sum per tensor and one device sync; the parts of sharded tensors (DTensors) are
-    summed on each rank and the sums all-reduced."""
+def nonfinite_sums(weights: Sequence[Tensor]) -> list[int]:
+    """Indices of the tensors of ``weights`` whose sum is not finite: every tensor holding NaN or Inf, and rarely one
+    of finite entries whose sum overflows. One sum per tensor and one device sync; sharded tensors (DTensors) are
+    summed shard by shard and the sums all-reduced."""
+    return _nonfinite_sums(local_parts(weights))
+
+
+def _nonfinite_sums(parts: LocalParts) -> list[int]:
+    """:func:`nonfinite_sums` of weights already split into this rank's parts."""
     sums = parts.total(
         torch.stack([w.detach().sum(dtype=torch.promote_types(w.dtype, torch.float32)).double() for w in parts.tensors])
     )
@@ -102,7 +107,7 @@ def nonfinite_counts(weights: Sequence[Tensor]) -> dict[int, tuple[int, int]]:
     if not weights:
         return {}
     parts = local_parts(weights)
-    suspects = nonfinite_sums(parts)
+    suspects = _nonfinite_sums(parts)
     if not suspects:
         return {}
     chosen = parts.subset(suspects)
@@ -278,7 +283,7 @@ def _select_near_pivot(
 def _check_finite(parts: LocalParts, sums: Tensor | None = None) -> None:
     """Raise :class:`NonFiniteScoresError` if a weight's scores do not sum to a finite number: from ``sums`` when a
     pass over the weights already computed them, else with one sum per tensor (:func:`nonfinite_sums`)."""
-    suspects = nonfinite_sums(parts) if sums is None else _nonfinite_indices(sums)
+    suspects = _nonfinite_sums(parts) if sums is None else _nonfinite_indices(sums)
     if suspects:
         raise NonFiniteScoresError(suspects)
 

@@ -67,8 +67,8 @@ def test_fused_selection_checks_finiteness_without_another_pass(monkeypatch: pyt
     weights = _finite_weights()
     previous = global_threshold(weights, 0.9).item() * 1.0005
     calls: list[int] = []
-    original = selection.nonfinite_sums
-    monkeypatch.setattr(selection, "nonfinite_sums", lambda w: calls.append(1) or original(w))
+    original = selection._nonfinite_sums
+    monkeypatch.setattr(selection, "_nonfinite_sums", lambda parts: calls.append(1) or original(parts))
     global_threshold(weights, 0.9, "l1", previous, 0.01, compile_kernels=True, check_finite=True)
     assert calls == []
     global_threshold(weights, 0.9, "l1", previous, 0.01, compile_kernels=False, check_finite=True)

@@ -22,7 +22,7 @@ from lightning_stthree import ST3PruningCallback
         ({"end": "80"}, TypeError, r"`end` must be an int \(optimizer steps\) or a float"),
         ({"power": 0}, ValueError, r"`power` must be in \(0, inf\), got 0"),
         ({"power": -3.0}, ValueError, r"`power` must be in \(0, inf\), got -3.0"),
-        ({"power": float("inf")}, ValueError, r"`power` must be in \(0, inf\), got inf"),
+        ({"power": float("inf")}, ValueError, r"`power` must be a finite number in \(0, inf\), got inf"),
         ({"power": "3"}, TypeError, r"`power` must be a number in \(0, inf\), got '3'"),
         ({"criterion": "l2"}, ValueError, r"`criterion` must be one of \('l1', 'l1_std'\), got 'l2'"),
         ({"soft_threshold": "yes"}, TypeError, r"`soft_threshold` must be True or False, got 'yes'"),
@@ -117,3 +117,29 @@ def test_layer_with_a_foreign_parametrization_raises() -> None:
     message = r"Layer `fc`: `weight` already has the parametrizations \['_WeightNorm'\].*HINT: add 'fc' to `exclude`"
     with pytest.raises(MisconfigurationException, match=message):
         trainer.fit(model, random_loader(2))
+
+
+def test_settings_can_be_assigned_after_construction_with_the_same_checks() -> None:
+    cb = ST3PruningCallback(0.9, start=0, end=10)
+    cb.target_sparsity = 0.95
+    cb.end = 0.5
+    cb.criterion = "l1_std"
+    cb.last_update_step = -1
+    assert (cb.target_sparsity, cb.end, cb.criterion, cb.schedule.end) == (0.95, 0.5, "l1_std", 0.5)
+    with pytest.raises(ValueError, match=r"`target_sparsity` must be in \[0, 1\), got 1.5"):
+        cb.target_sparsity = 1.5
+    with pytest.raises(ValueError, match=r"`start` must be <= `end`, got start=0.8 and end=0.5"):
+        cb.start = 0.8
+    with pytest.raises(ValueError, match=r"`criterion` must be one of \('l1', 'l1_std'\), got 'l2'"):
+        cb.criterion = "l2"
+    with pytest.raises(TypeError, match=r"`last_update_step` must be an int >= -1, got 2.0"):
+        cb.last_update_step = 2.0
+    assert (cb.target_sparsity, cb.start, cb.criterion) == (0.95, 0, "l1_std")  # a refused value changes nothing
+
+
+def test_a_setting_changed_mid_run_applies_to_the_resolved_schedule() -> None:
+    cb = ST3PruningCallback(0.9, start=0.0, end=0.5)
+    cb.schedule.resolve(100)
+    cb.target_sparsity = 0.5
+    assert cb.schedule.resolved
+    assert cb.scheduled_sparsity(50) == 0.5

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from lightning_stthree.core.checks import (
@@ -27,10 +28,13 @@ from lightning_stthree.core.checks import (
         (lambda: check_number("x", False, 0, 1), TypeError, r"got False$"),
         (lambda: check_number("x", 1.0, 0, 1, "[)"), ValueError, r"^`x` must be in \[0, 1\), got 1.0$"),
         (lambda: check_number("x", 0, 0, 1, "(]"), ValueError, r"^`x` must be in \(0, 1\], got 0$"),
-        (lambda: check_number("x", math.nan), ValueError, r"^`x` must be in \[-inf, inf\], got nan$"),
+        (lambda: check_number("x", math.nan), ValueError, r"^`x` must be a finite number in \[-inf, inf\], got nan$"),
         (lambda: check_number("x", 0.5, 0, 1, "[["), ValueError, r"`closed` must be one of"),
         (lambda: check_choice("c", "b", ("a",)), ValueError, r"^`c` must be one of \('a',\), got 'b'$"),
-        (lambda: check_choice("c", True, (1, 2)), ValueError, r"got True$"),
+        (lambda: check_choice("c", 3, ("a", "b")), TypeError, r"^`c` must be one of \('a', 'b'\), got 3$"),
+        (lambda: check_number("x", 10**400, 0, 1), ValueError, r"^`x` must be a finite number in \[0, 1\], got 1000"),
+        (lambda: check_number("x", np.float32("nan")), ValueError, r"must be a finite number"),
+        (lambda: check_choice("c", True, (1, 2)), TypeError, r"got True$"),
         (lambda: check_strings("s", "ab", "names"), TypeError, r"^`s` must be a list of names, got 'ab'$"),
         (lambda: check_strings("s", ["a", ""], "names"), TypeError, r"got \['a', ''\]$"),
         (lambda: check_shape("shape", (1, 0)), ValueError, r"^`shape` must be a list of positive ints"),
@@ -54,3 +58,10 @@ def test_valid_values_come_back_normalised() -> None:
     assert check_choice("c", "a", ["a", "b"]) == "a"
     assert check_strings("s", ["fc", "layer4.*"], "patterns") == ("fc", "layer4.*")
     assert check_shape("shape", (1, 3, 8, 8)) == [1, 3, 8, 8]
+
+
+def test_numpy_numbers_are_numbers_and_sets_of_names_are_sorted() -> None:
+    assert check_number("x", np.float32(0.5), 0, 1) == 0.5
+    assert check_int("n", np.int64(4), minimum=1) == 4
+    assert type(check_int("n", np.int64(4))) is int
+    assert check_strings("s", {"Linear", "Conv2d"}, "names") == ("Conv2d", "Linear")

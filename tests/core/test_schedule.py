@@ -114,7 +114,7 @@ def test_schedule_that_cannot_be_resolved_says_why(kwargs: dict, total: float, m
         ({"freeze_at": 1.5}, ValueError, r"`freeze_at` as a float is a fraction of the run"),
         ({"start": 0.6, "end": 0.5}, ValueError, r"`start` must be <= `end`, got start=0.6 and end=0.5"),
         ({"end": 40, "freeze_at": 20}, ValueError, r"`freeze_at` must be >= `end`"),
-        ({"power": float("nan")}, ValueError, r"`power` must be in \(0, inf\), got nan"),
+        ({"power": float("nan")}, ValueError, r"`power` must be a finite number in \(0, inf\), got nan"),
     ],
 )
 def test_schedule_rejects_bad_settings_at_construction(kwargs: dict, error: type[Exception], message: str) -> None:

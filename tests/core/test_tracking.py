@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_stthree.core import tracking
+from lightning_stthree.core import selection, tracking
 from lightning_stthree.core.selection import NonFiniteScoresError
 from lightning_stthree.core.threshold import weighted_global_threshold
 from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
@@ -35,9 +35,11 @@ def _numpy_threshold(weights: list[torch.Tensor], sparsity: float, criterion: st
 def test_every_update_is_the_exact_kth_score_as_the_weights_drift(criterion: str) -> None:
     tracker = ThresholdTracker(criterion)
     weights = _weights()
+    generator = torch.Generator().manual_seed(1)
     previous = None
     for step, sparsity in enumerate([0.3, 0.5, 0.55, 0.56, 0.9, 0.2]):
-        weights = [w + 0.01 * torch.randn_like(w) for w in weights]  # the optimizer moved them a little
+        # The optimizer moved them a little.
+        weights = [w + 0.01 * torch.randn(w.shape, generator=generator) for w in weights]
         threshold = tracker.update(weights, sparsity, step)
         assert threshold.dtype == torch.float32
         assert float(threshold) == _numpy_threshold(weights, sparsity, criterion)
@@ -45,6 +47,20 @@ def test_every_update_is_the_exact_kth_score_as_the_weights_drift(criterion: str
         if previous is not None:
             assert tracker.last_relative_move == pytest.approx(abs(float(threshold) - previous) / previous)
         previous = float(threshold)
+
+
+def test_a_small_move_is_answered_near_the_last_threshold_without_a_radix_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = _weights(2)
+    tracker = ThresholdTracker()
+    tracker.update(weights, 0.6, 0)
+    radix_calls: list[int] = []
+    original = selection._radix_select
+    monkeypatch.setattr(selection, "_radix_select", lambda *a: radix_calls.append(1) or original(*a))
+    threshold = tracker.update(weights, 0.601, 1)  # the answer lies within the 2% window around the last one
+    assert radix_calls == []
+    assert float(threshold) == _numpy_threshold(weights, 0.601, "l1")
+    tracker.update(weights, 0.95, 2)  # far outside: the radix selection answers
+    assert radix_calls == [1]
 
 
 def test_the_search_near_the_last_threshold_changes_nothing_but_speed() -> None:
@@ -66,13 +82,16 @@ def test_nonfinite_weights_raise_with_counts_and_leave_the_state_as_it_was() -> 
     tracker = ThresholdTracker()
     weights = _weights()
     tracker.update(weights, 0.5, 3)
-    before = tracker.state_dict()
+    tracker.update(weights, 0.52, 4)
+    before = (tracker.state_dict(), tracker.last_relative_move)
     weights[1][0, :2] = float("nan")
     weights[2][5] = float("-inf")
     with pytest.raises(NonFiniteWeightsError) as error:
-        tracker.update(weights, 0.6, 4)
+        tracker.update(weights, 0.6, 5)
     assert error.value.counts == {1: (2, 0), 2: (0, 1)}
-    assert tracker.state_dict() == before
+    assert (tracker.state_dict(), tracker.last_relative_move) == before
+    with pytest.raises(NonFiniteWeightsError):  # also when nothing is to be pruned
+        ThresholdTracker().update(weights, 0.0, 0)
 
 
 def test_an_overflowing_sum_of_finite_weights_is_selected_without_the_check(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -360,7 +360,7 @@ def test_small_cnn_learns_digits() -> None:
     [
         ({"lr": 0}, ValueError, r"`lr` must be in \(0, inf\), got 0"),
         ({"lr": -0.1}, ValueError, r"`lr` must be in \(0, inf\), got -0.1"),
-        ({"lr": float("nan")}, ValueError, r"`lr` must be in \(0, inf\), got nan"),
+        ({"lr": float("nan")}, ValueError, r"`lr` must be a finite number in \(0, inf\), got nan"),
         ({"lr": "0.1"}, TypeError, r"`lr` must be a number in \(0, inf\), got '0.1'"),
         ({"momentum": 1.0}, ValueError, r"`momentum` must be in \[0, 1\), got 1.0"),
         ({"momentum": -0.5}, ValueError, r"`momentum` must be in \[0, 1\), got -0.5"),
