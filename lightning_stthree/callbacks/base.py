@@ -23,17 +23,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_stthree.callbacks.layers import choose_layers
 from lightning_stthree.callbacks.macs import measure_fit_macs
 from lightning_stthree.core.checks import check_bool, check_shape
 from lightning_stthree.core.distributed import follow_parametrization, is_dtensor
 from lightning_stthree.core.layers import (
-    PRUNABLE_TYPES,
     find_prunable_layers,
     pruned_tensor_name,
-    unpruned_attention,
     validate_exclude,
     validate_include_types,
 )
+from lightning_stthree.core.registry import LEGACY_TYPE_NAMES, register_layer_types, type_names
 from lightning_stthree.methods.export import make_permanent
 from lightning_stthree.methods.measure import emptied_layers, layer_sparsity, macs_summary, raw_or_plain
 from lightning_stthree.methods.parametrization import RAW_KEY_PATTERN, raw_weight, remove_sparse_parametrization
@@ -48,11 +48,15 @@ class SparseTrainingCallback(Callback):
     """Base of the sparse-training callbacks (see the module docstring); not used on its own.
 
     Args:
-        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d",
-            "MultiheadAttention"]`` (default: all five; subclasses included; an attention layer's pruned tensor is
-            its packed ``in_proj_weight``, its ``out_proj`` is a ``Linear``).
+        include_types: Layer types to prune, names of registered types: ``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
+            ``"Conv3d"``, ``"MultiheadAttention"``, HF ``"Conv1D"`` and those of ``layer_types`` (default: all;
+            subclasses included unless they override ``forward``; an attention layer's pruned tensor is its packed
+            ``in_proj_weight``, its ``out_proj`` is a ``Linear``).
         exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
             that matches no prunable layer is an error.
+        layer_types: More prunable types, by import path: ``{"mypkg.layers.MyLinear": {"tensor": "weight",
+            "out_dim": 0}}`` (both keys optional; see :mod:`~lightning_stthree.core.registry`). Registered
+            process-wide when the callback is built; a path that does not resolve is an error.
         log_layer_sparsity: Also log each layer's measured sparsity.
         make_permanent_at_end: At the end of ``fit``, remove the parametrizations (see
             :func:`~lightning_stthree.make_permanent`) so the model holds plain layers with sparse weights.
@@ -80,6 +84,7 @@ class SparseTrainingCallback(Callback):
         input_shape: list[int] | None = None,
         report: bool = True,
         save_plots: bool = False,
+        layer_types: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         for name, flag in (
             ("log_layer_sparsity", log_layer_sparsity),
@@ -93,7 +98,12 @@ class SparseTrainingCallback(Callback):
                 import matplotlib  # noqa: F401
             except ImportError as err:
                 raise ImportError(f"`save_plots=True`: {INSTALL_HINT}") from err
-        self.include_types = validate_include_types(list(PRUNABLE_TYPES) if include_types is None else include_types)
+        if layer_types is not None:
+            register_layer_types(layer_types)  # process-wide, like `register_layer_type`
+        self.layer_types = None if layer_types is None else {str(k): dict(v) for k, v in layer_types.items()}
+        # None: every registered type, also those registered later (the state key keeps 0.1's names then).
+        self._all_types = include_types is None
+        self.include_types = type_names() if include_types is None else validate_include_types(include_types)
         self.exclude = validate_exclude([] if exclude is None else exclude)
         self.log_layer_sparsity = log_layer_sparsity
         self.make_permanent_at_end = make_permanent_at_end
@@ -111,10 +121,17 @@ class SparseTrainingCallback(Callback):
         self._first_step = 0  # the first optimizer step of the current run (measured and logged whatever the step)
         self._warned_empty: set[str] = set()  # layers already reported as entirely pruned in this run
         self._warned_separate_attention: set[str] = set()  # attention layers reported as not pruned
+        self._warned_shared: set[str] = set()  # layers with tied tensors reported as left dense
 
     @property
     def _name(self) -> str:
         return type(self).__name__
+
+    @property
+    def _state_key_types(self) -> tuple[str, ...]:
+        """The ``include_types`` in the checkpoint state key: 0.1's default names when all types are pruned, so
+        that checkpoints of 0.1 restore the callback's state."""
+        return LEGACY_TYPE_NAMES if self._all_types else self.include_types
 
     @property
     def layers(self) -> dict[str, nn.Module]:
@@ -369,30 +386,10 @@ class SparseTrainingCallback(Callback):
         ``final=False`` is an early pass over the layers that exist at the callback's ``setup``: an ``exclude``
         pattern or an empty model is only an error once all layers are built.
         """
-        try:
-            layers = find_prunable_layers(pl_module, self.include_types, self.exclude)
-        except ValueError:
-            if final:
-                raise
-            return
-        if not layers and final:
-            raise MisconfigurationException(
-                f"{self._name} found no layer to prune in {type(pl_module).__name__}: it prunes the `weight` "
-                f"of {list(self.include_types)} modules not matched by `exclude={list(self.exclude)}`. "
-                "HINT: check `include_types` and `exclude`, or remove the callback."
-            )
-        if final and "MultiheadAttention" in self.include_types:
-            separate = [name for name in unpruned_attention(pl_module) if name not in self._warned_separate_attention]
-            if separate:
-                self._warned_separate_attention.update(separate)
-                rank_zero_warn(
-                    f"{self._name}: the attention layers {separate[:10]} have `kdim`/`vdim` other than `embed_dim`, "
-                    "so their query/key/value projections are separate tensors (`q/k/v_proj_weight`), which are not "
-                    "pruned; their `out_proj` is."
-                )
-        self._check_no_overlap(trainer, layers)
+        layers = choose_layers(self, trainer, pl_module, final)
+        if layers is None:
+            return  # not all layers are built yet, or some are not ready: the final pass says why
         for name, module in layers.items():
-            self._check_shardable(name, module)
             try:
                 self._register(module)
                 follow_parametrization(pl_module, module, pruned_tensor_name(module))
@@ -400,36 +397,3 @@ class SparseTrainingCallback(Callback):
                 raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
         self._layers = layers
         log.debug("%s prunes %d layers: %s", self._name, len(layers), list(layers))
-
-    def _check_shardable(self, name: str, module: nn.Module) -> None:
-        """A method whose parametrization has parameters of its own cannot prune sharded (FSDP2) weights: FSDP2
-        would not manage those parameters, so their gradients would differ across ranks. Nor can sharded layers be
-        made permanent at the end of ``fit`` (said now rather than after training)."""
-        if not is_dtensor(raw_or_plain(module)):
-            return
-        if self.make_permanent_at_end:
-            raise MisconfigurationException(
-                f"{self._name}(make_permanent_at_end=True) cannot make `{name}` permanent: its weight is sharded "
-                "(FSDP2 / ModelParallelStrategy), and FSDP2 keeps gathering the raw weight where the parametrization "
-                "put it. HINT: drop `make_permanent_at_end`; save a full checkpoint "
-                "(`ModelParallelStrategy(save_distributed_checkpoint=False)`) and load its sparse weights into an "
-                "unsharded model with `load_sparse_weights`."
-            )
-        if self.supports_sharding:
-            return
-        raise MisconfigurationException(
-            f"{self._name} cannot prune `{name}`: its weight is sharded (FSDP2 / ModelParallelStrategy), and "
-            f"{self.method_name}'s per-layer threshold parameters would not be sharded and synchronised with it. "
-            "HINT: use ST3PruningCallback, or DDP (`strategy='ddp'`)."
-        )
-
-    def _check_no_overlap(self, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:
-        for other in trainer.callbacks:
-            if other is self or not isinstance(other, SparseTrainingCallback):
-                continue
-            shared = sorted(set(layers) & set(other.layers))
-            if shared:
-                raise MisconfigurationException(
-                    f"Two sparse-training callbacks ({self._name} and {type(other).__name__}) prune the same layers "
-                    f"{shared[:10]}. HINT: give each callback its own layers with `include_types` and `exclude`."
-                )

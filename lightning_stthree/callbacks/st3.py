@@ -119,11 +119,15 @@ class ST3PruningCallback(SparseTrainingCallback):
             kept weights only.
         rescale: Per-output-channel rescale that restores the magnitude removed by pruning (ST-3).
         update_every: Recompute the threshold every this many optimizer steps (``>= 1``).
-        include_types: Layer types to prune, a subset of ``["Linear", "Conv1d", "Conv2d", "Conv3d",
-            "MultiheadAttention"]`` (default: all five; subclasses included; an attention layer's pruned tensor is
-            its packed ``in_proj_weight``, its ``out_proj`` is a ``Linear``).
+        include_types: Layer types to prune: names of registered types (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
+            ``"Conv3d"``, ``"MultiheadAttention"``, HF ``"Conv1D"``, and those of ``layer_types``); default: all.
+            Subclasses are included unless they override ``forward`` (refused at setup: they may transform the
+            weight). An attention layer's pruned tensor is its packed ``in_proj_weight``, its ``out_proj`` a ``Linear``.
         exclude: ``fnmatch`` glob patterns on module names never to prune, e.g. ``["fc", "layer4.*"]``; a pattern
             that matches no prunable layer is an error.
+        layer_types: More prunable types by import path, ``{"mypkg.layers.MyLinear": {"tensor": "weight",
+            "out_dim": 0}}`` (both keys optional), registered process-wide (see
+            :mod:`~lightning_stthree.core.registry`). Tied weights (a parameter other modules hold too) are left dense.
         log_layer_sparsity: Also log each layer's measured sparsity.
         freeze_at: Optimizer step (``int``) or fraction of the run (``float``) where the fine-tune phase starts
             (mask frozen); ``None`` (default) never freezes. Must be ``>= end``.
@@ -190,12 +194,14 @@ class ST3PruningCallback(SparseTrainingCallback):
         save_plots: bool = False,
         on_nonfinite: Literal["raise", "warn"] = "raise",
         compile_kernels: bool = False,
+        layer_types: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
         self.tracker = ThresholdTracker(criterion, budget, check_bool("compile_kernels", compile_kernels))
         super().__init__(
             include_types=include_types,
             exclude=exclude,
+            layer_types=layer_types,
             log_layer_sparsity=log_layer_sparsity,
             make_permanent_at_end=make_permanent_at_end,
             input_shape=input_shape,
@@ -236,7 +242,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         return self._generate_state_key(
             target_sparsity=self.target_sparsity,
             criterion=self.criterion,
-            include_types=self.include_types,
+            include_types=self._state_key_types,
             exclude=self.exclude,
         )
 

@@ -7,6 +7,7 @@ logging, MACs, report, plots) is in :mod:`~lightning_stthree.callbacks.base`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -46,6 +47,7 @@ class STRPruningCallback(SparseTrainingCallback):
             finite number. No default: the right value depends on the run's length (see above).
         include_types: See :class:`ST3PruningCallback`.
         exclude: See :class:`ST3PruningCallback`.
+        layer_types: See :class:`ST3PruningCallback`.
         log_layer_sparsity: Also log each layer's measured sparsity and threshold.
         make_permanent_at_end: See :class:`ST3PruningCallback`.
         input_shape: See :class:`ST3PruningCallback`.
@@ -75,6 +77,7 @@ class STRPruningCallback(SparseTrainingCallback):
         input_shape: list[int] | None = None,
         report: bool = True,
         save_plots: bool = False,
+        layer_types: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         rule = "a finite number (the initial threshold is sigmoid(s_init))"
         if isinstance(s_init, bool) or not isinstance(s_init, (int, float)):
@@ -84,6 +87,7 @@ class STRPruningCallback(SparseTrainingCallback):
         super().__init__(
             include_types=include_types,
             exclude=exclude,
+            layer_types=layer_types,
             log_layer_sparsity=log_layer_sparsity,
             make_permanent_at_end=make_permanent_at_end,
             input_shape=input_shape,
@@ -95,7 +99,7 @@ class STRPruningCallback(SparseTrainingCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(include_types=self.include_types, exclude=self.exclude)
+        return self._generate_state_key(include_types=self._state_key_types, exclude=self.exclude)
 
     @override
     def _register(self, module: nn.Module) -> STRParametrization:

@@ -1,5 +1,6 @@
-"""Which weights ST-3 prunes: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, and the packed
-``in_proj_weight`` of every ``nn.MultiheadAttention``, narrowed by the user.
+"""Which weights ST-3 prunes: the tensor of every layer of a registered type (:mod:`~lightning_stthree.core.registry`:
+the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and HF ``Conv1D``, the packed ``in_proj_weight`` of every
+``nn.MultiheadAttention``), narrowed by the user.
 
 The paper prunes all Linear and Conv layers, the first convolution and the classifier included; biases and normalisation
 layers are never pruned. ``nn.MultiheadAttention`` is not a ``Linear``: it holds its query, key and value projections as
@@ -17,8 +18,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree.core.checks import check_strings
+from lightning_stthree.core.registry import overrides_forward, spec_of, type_names, types_named
 
-# Layer types whose pruned tensor has its output channels on dim 0, which the per-channel rescale relies on.
+# The built-in types of 0.1 by name (the registry has more: `registry.registered_types()`).
 PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
     "Conv1d": nn.Conv1d,
@@ -26,10 +28,6 @@ PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
     "Conv3d": nn.Conv3d,
     "MultiheadAttention": nn.MultiheadAttention,
 }
-# The pruned tensor of the types that do not call it `weight`. MultiheadAttention's `in_proj_weight` stacks the query,
-# key and value projections' output rows on dim 0; it is None when `kdim`/`vdim` differ from `embed_dim` (then three
-# separate `q/k/v_proj_weight` hold them, which are not pruned).
-_TENSOR_NAMES: dict[type[nn.Module], str] = {nn.MultiheadAttention: "in_proj_weight"}
 
 
 def layer_type(module: nn.Module) -> type[nn.Module]:
@@ -42,10 +40,14 @@ def layer_type(module: nn.Module) -> type[nn.Module]:
 
 
 def pruned_tensor_name(module: nn.Module) -> str:
-    """The name of the tensor of ``module`` that is pruned: ``"in_proj_weight"`` for ``nn.MultiheadAttention``
-    (and subclasses), ``"weight"`` for every other layer."""
-    cls = layer_type(module)
-    return next((name for base, name in _TENSOR_NAMES.items() if issubclass(cls, base)), "weight")
+    """The name of the tensor of ``module`` that is pruned, from the registry: ``"in_proj_weight"`` for
+    ``nn.MultiheadAttention`` (and subclasses), ``"weight"`` for the other built-in layers."""
+    return spec_of(layer_type(module)).tensor
+
+
+def output_dim(module: nn.Module) -> int:
+    """The output-channel dim of ``module``'s pruned tensor, from the registry (1 for HF ``Conv1D``, else 0)."""
+    return spec_of(layer_type(module)).out_dim
 
 
 def pruned_tensor(module: nn.Module) -> Tensor | None:
@@ -58,14 +60,18 @@ def validate_include_types(include_types: Sequence[str]) -> tuple[str, ...]:
 
     Raises:
         TypeError: If ``include_types`` is not a list of non-empty strings.
-        ValueError: If it is empty or names a type other than those of :data:`PRUNABLE_TYPES`.
+        ValueError: If it is empty or names a type the registry does not know.
     """
     names = check_strings("include_types", include_types, "layer type names")
+    allowed = sorted(type_names())
     if not names:
-        raise ValueError(f"`include_types` must name at least one of {sorted(PRUNABLE_TYPES)}, got an empty list")
-    unknown = [name for name in names if name not in PRUNABLE_TYPES]
+        raise ValueError(f"`include_types` must name at least one of {allowed}, got an empty list")
+    unknown = [name for name in names if name not in allowed]
     if unknown:
-        raise ValueError(f"`include_types` has unknown layer types {unknown}; allowed: {sorted(PRUNABLE_TYPES)}")
+        raise ValueError(
+            f"`include_types` has unknown layer types {unknown}; allowed: {allowed}. HINT: register a type of your "
+            "own with `layer_types` (or `lightning_stthree.core.registry.register_layer_type`)"
+        )
     return names
 
 
@@ -79,7 +85,7 @@ def validate_exclude(exclude: Sequence[str]) -> tuple[str, ...]:
 
 
 def find_prunable_layers(
-    model: nn.Module, include_types: Sequence[str] = tuple(PRUNABLE_TYPES), exclude: Sequence[str] = ()
+    model: nn.Module, include_types: Sequence[str] | None = None, exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
     """The modules whose ``weight`` ST-3 prunes, by qualified module name, in ``named_modules`` order.
 
@@ -90,7 +96,7 @@ def find_prunable_layers(
 
     Args:
         model: The model to search.
-        include_types: Names from :data:`PRUNABLE_TYPES`.
+        include_types: Registered type names (:func:`~lightning_stthree.core.registry.type_names`); ``None``: all.
         exclude: Glob patterns on module names.
 
     Returns:
@@ -100,7 +106,8 @@ def find_prunable_layers(
         ValueError: If a pattern of ``exclude`` matches none of the layers of ``include_types``; the message lists
             the layers it could have matched.
     """
-    types = tuple(PRUNABLE_TYPES[name] for name in validate_include_types(include_types))
+    names = type_names() if include_types is None else validate_include_types(include_types)
+    types = types_named(tuple(names))
     patterns = validate_exclude(exclude)
     candidates = {
         name: module
@@ -129,3 +136,32 @@ def unpruned_attention(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim
     ]
+
+
+def forward_overriding_layers(layers: dict[str, nn.Module]) -> dict[str, str]:
+    """The layers whose class derives from a registered type but has a ``forward`` of its own, by name -> class
+    name: their forward may transform the tensor (timm's ``StdConv2d`` standardises it), so the zeros of the pruned
+    tensor would not be the zeros the operation receives."""
+    return {name: layer_type(m).__name__ for name, m in layers.items() if overrides_forward(layer_type(m))}
+
+
+def shared_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The layers whose pruned tensor is a parameter other modules of ``model`` hold too (tied weights, e.g. a language
+    model's ``lm_head`` and its token embedding), by layer name -> the names of the other modules holding it."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                holders.setdefault(id(parameter), []).append(module_name)
+    shared = {}
+    for name, layer in layers.items():
+        tensor_name = pruned_tensor_name(layer)
+        if parametrize.is_parametrized(layer, tensor_name):
+            tensor = getattr(layer.parametrizations[tensor_name], "original", None)  # weight_norm keeps two
+        else:
+            tensor = getattr(layer, tensor_name, None)
+        own = f"{name}.parametrizations." if name else "parametrizations."  # where a parametrization keeps it
+        others = [h for h in holders.get(id(tensor), []) if h != name and not h.startswith(own)]
+        if others:
+            shared[name] = sorted(set(others))
+    return shared

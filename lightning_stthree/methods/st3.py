@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_stthree.core.distributed import is_dtensor, on_local_rows
 from lightning_stthree.core.kernels import compiled
+from lightning_stthree.core.layers import output_dim
 from lightning_stthree.methods.parametrization import (
     SparseParametrization,
     find_sparse_parametrization,
@@ -206,6 +207,8 @@ class SoftThresholdParametrization(SparseParametrization):
         compile_kernels: With ``straight_through``, build the effective weight with one fused kernel
             (:mod:`~lightning_stthree.core.kernels`; needs ``torch.compile`` to work here) instead of a chain of eager
             operations. Same values up to float rounding.
+        out_dim: The weight's output-channel dim, which the rescale works per (0 for ``nn.Linear`` / ``nn.Conv*``,
+            1 for HF ``Conv1D``; :func:`register_st3_parametrization` sets it from the layer registry).
 
     Example::
 
@@ -224,12 +227,14 @@ class SoftThresholdParametrization(SparseParametrization):
         straight_through: bool = True,
         rescale: bool = True,
         compile_kernels: bool = False,
+        out_dim: int = 0,
     ) -> None:
         super().__init__()
         self.soft_threshold = soft_threshold
         self.straight_through = straight_through
         self.rescale = rescale
         self.compile_kernels = compile_kernels
+        self.out_dim = out_dim
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("mask", None, persistent=False)
 
@@ -275,8 +280,20 @@ class SoftThresholdParametrization(SparseParametrization):
 
     def effective(self, weight: Tensor) -> Tensor:
         """The effective weight for the raw ``weight`` (a DTensor sharded on dim 0 is thresholded shard by shard: the
-        rescale only needs whole output channels)."""
-        return on_local_rows(self._effective, weight)
+        rescale only needs whole output channels). Output channels on another dim are moved to dim 0 for the
+        computation (a view, no copy) and back.
+
+        Raises:
+            ValueError: If a sharded (DTensor) weight has its output channels on a dim other than 0.
+        """
+        if self.out_dim == 0 or self.mask is not None:  # the fixed mask is elementwise
+            return on_local_rows(self._effective, weight)
+        if is_dtensor(weight):
+            raise ValueError(
+                f"a weight with its output channels on dim {self.out_dim} (e.g. HF Conv1D) cannot be thresholded "
+                "shard by shard: FSDP2 shards dim 0, which splits each output channel across ranks"
+            )
+        return self._effective(weight.movedim(self.out_dim, 0)).movedim(0, self.out_dim)
 
     def _effective(self, weight: Tensor) -> Tensor:
         if self.mask is not None:
@@ -288,12 +305,13 @@ class SoftThresholdParametrization(SparseParametrization):
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
 
     def _settings(self) -> tuple[Any, ...]:
-        return self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels
+        return self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels, self.out_dim
 
     def extra_repr(self) -> str:
         flags = (
             f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
             + (", compile_kernels=True" if self.compile_kernels else "")
+            + (f", out_dim={self.out_dim}" if self.out_dim else "")
         )
         return flags + (", frozen=True" if self.frozen else "")
 
@@ -333,4 +351,5 @@ def register_st3_parametrization(
     existing.straight_through = straight_through
     existing.rescale = rescale
     existing.compile_kernels = compile_kernels
+    existing.out_dim = output_dim(module)
     return existing
