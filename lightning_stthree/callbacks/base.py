@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree.callbacks.layers import choose_layers
+from lightning_stthree.callbacks.layers import check_received_sparsity, choose_layers
 from lightning_stthree.callbacks.macs import measure_fit_macs
 from lightning_stthree.core.checks import check_bool, check_shape
 from lightning_stthree.core.distributed import follow_parametrization, is_dtensor
@@ -257,6 +257,7 @@ class SparseTrainingCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
         directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
+        check_received_sparsity(self, trainer, pl_module)
         if self.report or self.save_plots:
             # Every rank counts its shards (sharded training), rank zero prints and plots.
             rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)

@@ -7,6 +7,8 @@ a LightningModule when a callback attaches, with the messages a user acts on:
   the zeros the callback reports would not be the zeros the operation receives), naming the ways out;
 - a layer whose tensor other modules hold too (tied weights: a language model's ``lm_head`` and token embedding) is
   left dense, said once: pruning it for one of its users would give one parameter two matrices;
+- at the end of ``fit``, the zeros the layers' operations receive are checked against the zeros reported
+  (:func:`check_received_sparsity`), so a layer type nobody has seen yet cannot make the report lie silently;
 - attention layers with separate ``q/k/v_proj_weight``, two callbacks on one layer, and sharded layers a method cannot
   prune are said or refused as before.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -29,7 +32,7 @@ from lightning_stthree.core.layers import (
     shared_tensors,
     unpruned_attention,
 )
-from lightning_stthree.methods.measure import raw_or_plain
+from lightning_stthree.methods.measure import layer_sparsity, raw_or_plain, received_sparsity
 
 if TYPE_CHECKING:
     from lightning_stthree.callbacks.base import SparseTrainingCallback
@@ -155,3 +158,40 @@ def _check_shardable(callback: SparseTrainingCallback, name: str, module: nn.Mod
         f"{callback.method_name}'s per-layer threshold parameters would not be sharded and synchronised with it. "
         "HINT: use ST3PruningCallback, or DDP (`strategy='ddp'`)."
     )
+
+
+def check_received_sparsity(
+    callback: SparseTrainingCallback, trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> dict[str, float]:
+    """Run the example input once and warn (rank zero) about pruned layers whose matrix products or convolutions
+    receive fewer zeros than the callback measures on their weights
+    (:func:`~lightning_stthree.methods.measure.received_sparsity`): their forward transforms the weight.
+
+    The pass runs under the trainer's precision (autocast for ``"bf16-mixed"``), as training did. Skipped without an
+    example input (``example_input_array`` or ``input_shape``) and for sharded (FSDP2) weights.
+
+    Returns:
+        The mismatched layers: ``{name: fraction of zeros received}`` (empty when all agree or nothing was checked).
+    """
+    layers = callback.layers
+    example = pl_module.example_input_array if callback.input_shape is None else torch.zeros(callback.input_shape)
+    if example is None or not layers or any(is_dtensor(raw_or_plain(m)) for m in layers.values()):
+        return {}
+    try:
+        with trainer.precision_plugin.forward_context():
+            received = received_sparsity(pl_module, example, layers)
+    except Exception as error:  # the example pass is a check, not the run: say it, do not fail the run
+        rank_zero_warn(f"{type(callback).__name__}: could not check the zeros the layers' operations receive: {error}")
+        return {}
+    _, measured = layer_sparsity(layers)
+    tolerance = {n: max(1e-3, 1.5 / raw_or_plain(m).numel()) for n, m in layers.items()}
+    wrong = {n: got for n, got in received.items() if got is not None and got < measured[n] - tolerance[n]}
+    if wrong:
+        shown = {n: f"{measured[n]:.3f} reported, {got:.3f} received" for n, got in list(wrong.items())[:10]}
+        rank_zero_warn(
+            f"{type(callback).__name__}: the operations of {len(wrong)} pruned layers receive fewer zeros than their "
+            f"weights hold ({shown}): their forward transforms the weight, so their reported sparsity is not what "
+            "the matrix products and convolutions skip. HINT: exclude them, or unregister their type if it was "
+            "registered with `layer_types`."
+        )
+    return wrong

@@ -42,6 +42,18 @@ def _to_model(example_input: Any, reference: Tensor) -> Any:
     return example_input
 
 
+def call_with_example(model: nn.Module, example_input: Any) -> Any:
+    """``model(example_input)`` as Lightning's model summary calls ``example_input_array``: a dict as keywords, a
+    list or tuple as positional arguments, anything else as the one argument; tensors moved to the model's device and
+    floating ones to its floating dtype."""
+    arguments = _to_model(example_input, next(iter(model.parameters())))
+    if isinstance(arguments, Mapping):
+        return model(**arguments)
+    if isinstance(arguments, (list, tuple)):
+        return model(*arguments)
+    return model(arguments)
+
+
 @torch.no_grad()
 def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str, nn.Module]) -> dict[str, float]:
     """Dense MACs per input sample of each of ``layers``, from one forward pass of ``model`` on ``example_input``.
@@ -70,8 +82,6 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
         >>> measure_layer_macs(net, torch.zeros(2, 8), {"0": net[0]})
         {'0': 32.0}
     """
-    reference = next(iter(model.parameters()))
-    arguments = _to_model(example_input, reference)
     modes = {module: module.training for module in model.modules()}
     fast_path = torch.backends.mha.get_fastpath_enabled()
     attention_macs: dict[str, dict[str, float]] = {}
@@ -86,13 +96,7 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with FlopCounterMode(display=False) as counter:
-            # As Lightning's model summary calls `example_input_array`: dict -> keywords, list/tuple -> positional.
-            if isinstance(arguments, Mapping):
-                model(**arguments)
-            elif isinstance(arguments, (list, tuple)):
-                model(*arguments)
-            else:
-                model(arguments)
+            call_with_example(model, example_input)
     finally:
         for hook in hooks:
             hook.remove()

@@ -123,9 +123,8 @@ def register_layer_types(layer_types: Mapping[str, Mapping[str, Any]]) -> None:
         ValueError: If an import path does not resolve, or an ``out_dim`` is negative.
     """
     if not isinstance(layer_types, Mapping):
-        raise TypeError(
-            f"`layer_types` must map import paths to {{'tensor': ..., 'out_dim': ...}}, got {layer_types!r}"
-        )
+        allowed = "a mapping of import paths to {'tensor': ..., 'out_dim': ...}"
+        raise TypeError(f"`layer_types` must be {allowed}, got {layer_types!r}")
     for path, settings in layer_types.items():
         if not isinstance(settings, Mapping) or set(settings) - {"tensor", "out_dim"}:
             raise TypeError(

@@ -10,12 +10,14 @@ counts all-reduced, so every rank gets the global values and every rank must cal
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_stthree.core.distributed import count_per_tensor
-from lightning_stthree.core.flops import sparse_macs
+from lightning_stthree.core.flops import call_with_example, sparse_macs
 from lightning_stthree.core.layers import pruned_tensor
 from lightning_stthree.methods.parametrization import find_sparse_parametrization, raw_weight
 
@@ -86,3 +88,65 @@ def emptied_layers(layers: Mapping[str, nn.Module], per_layer: Mapping[str, floa
         [raw_or_plain(layers[name]) for name in candidates], lambda _, part: torch.count_nonzero(part)
     )
     return [name for name, count in zip(candidates, nonzero, strict=True) if count]
+
+
+# The aten operations that multiply a layer's weight with its input: what a sparse kernel could skip.
+_WEIGHT_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "linear")
+
+
+@torch.no_grad()
+def received_sparsity(model: nn.Module, example_input: Any, layers: Mapping[str, nn.Module]) -> dict[str, float | None]:
+    """The fraction of zeros in the weight each layer's matrix products and convolutions really receive, from one
+    forward pass of ``model`` on ``example_input`` (eval mode, ``no_grad``; train/eval flags restored).
+
+    A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten ``mm`` / ``addmm`` / ``bmm`` /
+    ``baddbmm`` / ``convolution`` / ``linear`` while a layer of ``layers`` runs; the operand with as many entries as
+    the layer's pruned tensor is its weight as the operation gets it (transposed, standardised, or whatever the layer's
+    forward made of it). This is what the reported sparsity must match: a layer whose forward transforms its weight
+    (timm's ``StdConv2d``) receives no zeros whatever its stored weight holds.
+
+    Args:
+        model: The model; ``example_input`` as for :func:`~lightning_stthree.core.flops.measure_layer_macs`.
+        example_input: An example batch (a tensor, a tuple/list of positional arguments, or a dict of keywords).
+        layers: The layers to watch, by name.
+
+    Returns:
+        ``{name: fraction of zeros}``, the largest over the layer's calls; ``None`` for a layer none of whose
+        operations received a tensor of its weight's size (never called, or used functionally).
+    """
+    sizes = {name: pruned_tensor(module).numel() for name, module in layers.items()}
+    running: list[str] = []
+    seen: dict[str, float] = {}
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if running and func.overloadpacket.__name__ in _WEIGHT_OPS:
+                name = running[-1]
+                for operand in args:
+                    if isinstance(operand, Tensor) and operand.dim() >= 2 and operand.numel() == sizes[name]:
+                        zeros = float((operand == 0).sum()) / operand.numel()
+                        seen[name] = max(seen.get(name, 0.0), zeros)
+                        break
+            return func(*args, **(kwargs or {}))
+
+    def enter(name: str) -> Any:
+        return lambda module, args: running.append(name)  # `append` returns None: the input is kept
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        running.pop()  # a forward hook that returned the popped name would replace the layer's output
+
+    hooks = []
+    for name, module in layers.items():
+        hooks.append(module.register_forward_pre_hook(enter(name)))
+        hooks.append(module.register_forward_hook(leave, always_call=True))
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with _Recorder():
+            call_with_example(model, example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return {name: seen.get(name) for name in layers}

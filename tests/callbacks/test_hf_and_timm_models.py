@@ -1,0 +1,222 @@
+"""The models people bring, nobody here wrote them: Hugging Face GPT-2, LLaMA and BERT, and timm, built from their
+config classes (random init, nothing downloaded). Judged by the weights the matrix products and convolutions really
+receive (a TorchDispatchMode over one forward pass), not by the parametrization's own output."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import quiet_trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stthree import ST3PruningCallback, sparsity_report
+from lightning_stthree.core import registry
+from lightning_stthree.core.layers import layer_type
+from lightning_stthree.methods.measure import received_sparsity
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+transformers.logging.set_verbosity_error()
+
+VOCAB, TOKENS = 128, 16
+
+
+@pytest.fixture(autouse=True)
+def registry_as_built_in() -> Iterator[None]:
+    """Tests that register types must not leak them into other tests."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+class CausalLM(pl.LightningModule):
+    """Any Hugging Face causal LM, trained on next-token prediction of random tokens."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.example_input_array = {"input_ids": torch.zeros(1, TOKENS, dtype=torch.long)}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        logits = self(ids)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def _token_loader(steps: int) -> DataLoader:
+    ids = torch.randint(0, VOCAB, (steps * 2, TOKENS), generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(ids), batch_size=2)
+
+
+def _fit_lm(model: torch.nn.Module, steps: int = 6) -> tuple[CausalLM, ST3PruningCallback]:
+    torch.manual_seed(0)
+    module = CausalLM(model)
+    callback = ST3PruningCallback(0.8, start=0, end=4, report=False)
+    quiet_trainer(max_steps=steps, callbacks=[callback]).fit(module, _token_loader(steps))
+    return module, callback
+
+
+def _block_zeros(module: pl.LightningModule, callback: ST3PruningCallback) -> dict[str, float | None]:
+    received = received_sparsity(module, module.example_input_array, callback.layers)
+    return {name: value for name, value in received.items() if "lm_head" not in name}
+
+
+def test_gpt2_conv1d_layers_reach_the_target_in_what_the_ops_receive_and_the_tied_lm_head_stays_one_matrix() -> None:
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=TOKENS)
+    with pytest.warns(UserWarning, match=r"leaves \['model.lm_head'\] dense.*model.transformer.wte"):
+        module, callback = _fit_lm(transformers.GPT2LMHeadModel(config))
+    gpt2 = module.model
+    assert {layer_type(layer).__name__ for layer in callback.layers.values()} == {"Conv1D"}
+    assert len(callback.layers) == 8  # c_attn, c_proj, c_fc, c_proj in each of the 2 blocks
+    zeros = _block_zeros(module, callback)
+    assert min(zeros.values()) > 0.5
+    total = sum(zeros[n] * layer.weight.numel() for n, layer in callback.layers.items())
+    assert total / sum(layer.weight.numel() for layer in callback.layers.values()) >= 0.7
+    # One parameter, one matrix: the output projection and the embedding lookup use the same dense tensor.
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert "model.lm_head" not in callback.layers
+    row = next(r for r in sparsity_report(module) if r["name"] == "model.lm_head")
+    assert row["pruned"] is False
+
+
+def test_conv1d_is_rescaled_per_output_channel_like_the_linear_it_transposes() -> None:
+    from lightning_stthree import register_st3_parametrization
+
+    torch.manual_seed(0)
+    conv1d = transformers.pytorch_utils.Conv1D(6, 5)  # weight (in=5, out=6)
+    linear = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        linear.weight.copy_(conv1d.weight.T)
+        linear.bias.copy_(conv1d.bias)
+    for layer in (conv1d, linear):
+        register_st3_parametrization(layer).threshold.fill_(0.015)
+    assert conv1d.parametrizations.weight[0].out_dim == 1
+    torch.testing.assert_close(conv1d.weight, linear.weight.T)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(conv1d(x), linear(x))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=TOKENS,
+        ),
+        lambda: transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TOKENS,
+            is_decoder=True,
+        ),
+    ],
+    ids=["llama", "bert"],
+)
+def test_linear_transformers_reach_the_target_in_what_the_ops_receive(config: Any) -> None:
+    model = transformers.AutoModelForCausalLM.from_config(config())
+    module, callback = _fit_lm(model)
+    zeros = _block_zeros(module, callback)
+    assert zeros
+    assert None not in zeros.values()
+    weights = {n: layer.weight.numel() for n, layer in callback.layers.items() if n in zeros}
+    assert sum(zeros[n] * weights[n] for n in zeros) / sum(weights.values()) >= 0.7
+
+
+class ImageModule(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.example_input_array = torch.zeros(1, 3, 32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _images(steps: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(steps * 4, 3, 32, 32, generator=generator), torch.randint(0, 10, (steps * 4,))),
+        batch_size=4,
+    )
+
+
+def test_timm_stdconv2d_which_standardises_its_weight_is_refused_at_setup_naming_it() -> None:
+    model = ImageModule(timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained=False))
+    trainer = quiet_trainer(max_steps=1, callbacks=[ST3PruningCallback(0.8, start=0, end=1)])
+    with pytest.raises(MisconfigurationException, match=r"StdConv2d.*override the `forward`.*timm.layers.std_conv"):
+        trainer.fit(model, _images(1))
+
+
+def test_the_report_check_flags_a_registered_type_whose_forward_transforms_the_weight() -> None:
+    # A user registers StdConv2d as if its forward used the weight as is: the end-of-fit check catches the lie.
+    from timm.layers import StdConv2d
+
+    model = ImageModule(timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained=False))
+    callback = ST3PruningCallback(0.8, start=0, end=1, report=False, layer_types={"timm.layers.StdConv2d": {}})
+    assert registry.spec_of(StdConv2d) == registry.LayerSpec()
+    with pytest.warns(
+        UserWarning, match=r"operations of \d+ pruned layers receive fewer zeros than their weights hold"
+    ):
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, _images(2))
+
+
+def test_timm_resnet18_trains_with_its_convolutions_receiving_the_zeros() -> None:
+    model = ImageModule(timm.create_model("resnet18", num_classes=10, pretrained=False))
+    callback = ST3PruningCallback(0.8, start=0, end=2, report=False)
+    quiet_trainer(max_steps=3, callbacks=[callback]).fit(model, _images(3))
+    received = received_sparsity(model, model.example_input_array, callback.layers)
+    _, measured = callback.measure_sparsity()
+    assert all(received[n] == pytest.approx(measured[n], abs=1e-3) for n in callback.layers)
+    assert callback.measure_sparsity()[0] == pytest.approx(0.8, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("layer_types", "error", "message"),
+    [
+        ({"timm.layers.NoSuchConv": {}}, ValueError, r"`layer_types` names 'timm.layers.NoSuchConv', which does not"),
+        ({"torch.nn.functional.linear": {}}, TypeError, r"names 'torch.nn.functional.linear', which is .*not an nn"),
+        ({"torch.nn.Bilinear": {"dim": 0}}, TypeError, r"`layer_types\['torch.nn.Bilinear'\]` must be a mapping with"),
+        ({"torch.nn.Bilinear": {"out_dim": -1}}, ValueError, r"`out_dim` must be an int >= 0, got -1"),
+        (["torch.nn.Bilinear"], TypeError, r"`layer_types` must be a mapping of import paths"),
+    ],
+)
+def test_a_bad_layer_types_entry_is_an_error_naming_it(layer_types: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        ST3PruningCallback(layer_types=layer_types)
+
+
+def test_a_registered_type_whose_module_lacks_the_tensor_is_not_prunable() -> None:
+    class Gate(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    registry.register_layer_type(Gate, tensor="gate_weight")
+    model = torch.nn.Sequential(Gate(), torch.nn.Linear(4, 2))
+    from lightning_stthree import find_prunable_layers
+
+    assert list(find_prunable_layers(model)) == ["1"]
