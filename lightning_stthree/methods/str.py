@@ -17,6 +17,7 @@ pruned weight gets none, a kept one gets the incoming gradient, and ``s_l`` gets
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +73,15 @@ class STRParametrization(SparseParametrization):
     def effective(self, weight: Tensor) -> Tensor:
         """The effective weight for the raw ``weight``."""
         return str_effective_weight(weight, self.s)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> STRParametrization:
+        """Moves like any module, but ``s`` stays float32 when the model is cast (``precision="bf16-true"`` casts every
+        floating parameter): at the authors' ``s = -3200`` bf16's spacing is 16, so most weight-decay steps on ``s``
+        would round away."""
+        super()._apply(fn, recurse)
+        if self.s.dtype != torch.float32:
+            self.s.data = self.s.data.float()
+        return self
 
     def pruned(self, weight: Tensor) -> Tensor:
         """``|w| <= sigmoid(s)``, in ``weight``'s dtype: exactly where the effective weight is zero."""

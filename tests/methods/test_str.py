@@ -20,6 +20,7 @@ from lightning_stthree import (
     sparse_state_dict,
     str_effective_weight,
 )
+from lightning_stthree.methods.parametrization import raw_weight
 
 W = [[0.5, -0.2, 0.1, -0.05], [-0.3, 0.16, -0.14, 0.0]]
 TAU = 0.15
@@ -164,3 +165,37 @@ def test_str_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         resumed, random_loader(12), ckpt_path=tmp_path / "last.ckpt"
     )
     assert seen == [saved_s]
+
+
+def test_str_thresholds_keep_their_weight_decay_under_image_classifier_grouping() -> None:
+    import warnings
+
+    from lightning_stthree.recipes.models import ImageClassifier
+
+    model = ImageClassifier("small_cnn", num_classes=10, in_channels=3, image_size=8, decay_bias_and_norm=False)
+    callback = STRPruningCallback(s_init=-3.0, report=False)
+    trainer = quiet_trainer(max_steps=2, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*weight_decay=0; STR's sparsity comes from weight decay")
+        trainer.fit(model, random_loader(2))
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    s_params = [m.parametrizations.weight[0].s for m in callback.layers.values()]
+    assert [decay[id(s)] for s in s_params] == [model.hparams.weight_decay] * len(s_params)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert {decay[id(b)] for b in biases} == {0.0}  # the rest of the grouping is unchanged
+
+
+def test_str_threshold_stays_float32_under_bf16_true_so_small_decay_steps_count() -> None:
+    # At the authors' s = -3200, bf16's spacing is 16: a decay step of lr * wd * |s| = 0.1 * 5e-4 * 3200 = 0.16 would
+    # round away every time.
+    class Decayed(TinyNet):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=5e-4)
+
+    model = Decayed()
+    callback = STRPruningCallback(s_init=-3200.0, report=False)
+    quiet_trainer(max_steps=4, precision="bf16-true", callbacks=[callback]).fit(model, random_loader(4))
+    s = model.fc.parametrizations.weight[0].s
+    assert s.dtype == torch.float32
+    assert raw_weight(model.fc).dtype == torch.bfloat16
+    assert s.item() == pytest.approx(-3200.0 * (1 - 0.1 * 5e-4) ** 4, rel=1e-6)  # what float32 SGD gives

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
+from lightning_stthree.methods.str import S_NAME as STR_S_NAME
 from lightning_stthree.recipes.models.networks import SMALL_CNN, _build_model
 from lightning_stthree.recipes.models.schedules import DEFAULT_LR_MILESTONES, LR_SCHEDULES, LRSchedule, lr_factor_fn
 
@@ -53,7 +54,7 @@ class ImageClassifier(pl.LightningModule):
             before the schedule applies (the authors' ImageNet recipe warms up for 5 of 100 epochs: 0.05).
         decay_bias_and_norm: Apply ``weight_decay`` to biases and normalisation parameters too (PyTorch's default).
             ``False`` decays only the weights of multi-dimensional parameters (conv and linear weights), as the
-            authors' code does.
+            authors' code does, and STR's per-layer thresholds ``s`` (their weight decay is what makes STR prune).
         shard: Shard the network with FSDP2 in ``configure_model``: ``fully_shard`` on every ``Linear``/``Conv``
             layer, then on the whole network, over the strategy's data-parallel mesh. Needs
             ``strategy=ModelParallelStrategy(data_parallel_size=<number of processes>, tensor_parallel_size=1)``.
@@ -169,10 +170,12 @@ class ImageClassifier(pl.LightningModule):
         if hparams.decay_bias_and_norm:
             groups: Any = self.parameters()
         else:
-            parameters = [p for p in self.parameters() if p.requires_grad]
+            # STR's thresholds `s` are 0-dim, but what makes STR prune is their weight decay: they stay decayed.
+            named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+            decayed = [p for n, p in named if p.ndim > 1 or n.endswith(f".0.{STR_S_NAME}")]
             groups = [
-                {"params": [p for p in parameters if p.ndim > 1]},
-                {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+                {"params": decayed},
+                {"params": [p for n, p in named if not any(p is d for d in decayed)], "weight_decay": 0.0},
             ]
         optimizer = torch.optim.SGD(
             groups,
