@@ -11,7 +11,8 @@ from torch import nn
 from lightning_stthree.core.distributed import count_per_tensor
 from lightning_stthree.core.flops import measure_layer_macs
 from lightning_stthree.core.layers import find_prunable_layers, layer_type, pruned_tensor
-from lightning_stthree.methods.st3 import find_sparse_parametrization
+from lightning_stthree.methods.measure import received_sparsity
+from lightning_stthree.methods.parametrization import find_sparse_parametrization
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
 TOTAL_ROW_NAME = "total"
@@ -19,7 +20,10 @@ TOTAL_ROW_NAME = "total"
 
 @torch.no_grad()
 def sparsity_report(
-    model: nn.Module, example_input: Any = None, layer_macs: Mapping[str, float] | None = None
+    model: nn.Module,
+    example_input: Any = None,
+    layer_macs: Mapping[str, float] | None = None,
+    check_received: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.MultiheadAttention`` of ``model``
     (parametrized by ST-3 or plain), then a total row.
@@ -35,6 +39,10 @@ def sparsity_report(
         example_input: An example batch to measure MACs with (see
             :func:`~lightning_stthree.core.flops.measure_layer_macs`); ignored when ``layer_macs`` is given.
         layer_macs: Dense MACs per layer name, if already measured.
+        check_received: Also give each row ``received_zeros``: the fraction of zeros in the weight the layer's matrix
+            products and convolutions receive on ``example_input`` (needs it;
+            :func:`~lightning_stthree.methods.measure.received_sparsity`), to compare with ``1 - density``. A layer
+            whose forward transforms its weight shows fewer zeros there than in ``zeros``.
 
     With sharded (FSDP2) weights every rank must call it: the zeros are counted shard by shard and all-reduced.
 
@@ -42,6 +50,9 @@ def sparsity_report(
         The rows, ready for ``pandas.DataFrame(rows)`` or :func:`format_report`.
     """
     layers = find_prunable_layers(model)
+    if check_received and example_input is None:
+        raise ValueError("`check_received=True` needs an `example_input` to run the layers' operations on")
+    received = received_sparsity(model, example_input, layers) if check_received else None
     if layer_macs is None and example_input is not None:
         layer_macs = measure_layer_macs(model, example_input, layers)
     rows: list[dict[str, Any]] = []
@@ -61,6 +72,7 @@ def sparsity_report(
                 "macs_dense": dense,
                 "macs_sparse": None if dense is None else density * dense,
                 "pruned": find_sparse_parametrization(module) is not None,
+                **({} if received is None else {"received_zeros": received[name]}),
             }
         )
     weights = sum(r["weights"] for r in rows)
@@ -77,6 +89,7 @@ def sparsity_report(
             "macs_dense": sum(r["macs_dense"] for r in rows) if known else None,
             "macs_sparse": sum(r["macs_sparse"] for r in rows) if known else None,
             "pruned": None,
+            **({} if received is None else {"received_zeros": None}),
         }
     )
     return rows

@@ -220,3 +220,23 @@ def test_a_registered_type_whose_module_lacks_the_tensor_is_not_prunable() -> No
     from lightning_stthree import find_prunable_layers
 
     assert list(find_prunable_layers(model)) == ["1"]
+
+
+def test_the_report_on_request_shows_the_zeros_the_ops_receive_next_to_the_stored_ones() -> None:
+    from timm.layers import StdConv2d
+
+    from lightning_stthree import register_st3_parametrization
+
+    registry.register_layer_type(StdConv2d)  # wrongly, as a user might: its forward standardises the weight
+    model = torch.nn.Sequential(
+        StdConv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 32 * 32, 4)
+    )  # timm pads "same"
+    for layer in (model[0], model[2]):
+        register_st3_parametrization(layer).threshold.fill_(0.02)
+    with pytest.raises(ValueError, match="`check_received=True` needs an `example_input`"):
+        sparsity_report(model, check_received=True)
+    rows = {r["name"]: r for r in sparsity_report(model, torch.zeros(1, 3, 32, 32), check_received=True)}
+    assert rows["2"]["received_zeros"] == pytest.approx(rows["2"]["zeros"] / rows["2"]["weights"])
+    assert rows["0"]["zeros"] > 0
+    assert rows["0"]["received_zeros"] == 0.0  # standardised: every stored zero became a non-zero
+    assert rows["total"]["received_zeros"] is None
