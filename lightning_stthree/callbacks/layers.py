@@ -83,6 +83,13 @@ def choose_layers(
             )
     _check_no_overlap(callback, trainer, layers)
     for layer_name, module in layers.items():
+        tensor = raw_or_plain(module)
+        if output_dim(module) >= tensor.ndim:
+            raise MisconfigurationException(
+                f"{name}: `{layer_name}` ({layer_type(module).__name__}) is registered with out_dim="
+                f"{output_dim(module)}, but its tensor has {tensor.ndim} dims (shape {list(tensor.shape)}). HINT: fix "
+                "its `layer_types` entry (out_dim is the output-channel dim of the tensor)."
+            )
         _check_shardable(callback, layer_name, module)
     return layers
 

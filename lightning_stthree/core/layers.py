@@ -148,20 +148,21 @@ def forward_overriding_layers(layers: dict[str, nn.Module]) -> dict[str, str]:
 def shared_tensors(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[str]]:
     """The layers whose pruned tensor is a parameter other modules of ``model`` hold too (tied weights, e.g. a language
     model's ``lm_head`` and its token embedding), by layer name -> the names of the other modules holding it."""
-    holders: dict[int, list[str]] = {}
+    holders: dict[int, dict[int, str]] = {}  # parameter -> {module identity: one of its names}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for parameter in module._parameters.values():
             if parameter is not None:
-                holders.setdefault(id(parameter), []).append(module_name)
+                holders.setdefault(id(parameter), {}).setdefault(id(module), module_name)
     shared = {}
     for name, layer in layers.items():
         tensor_name = pruned_tensor_name(layer)
+        owners = {id(layer)}  # the layer itself, reachable under any name, and where its parametrization keeps it
         if parametrize.is_parametrized(layer, tensor_name):
+            owners.add(id(layer.parametrizations[tensor_name]))
             tensor = getattr(layer.parametrizations[tensor_name], "original", None)  # weight_norm keeps two
         else:
             tensor = getattr(layer, tensor_name, None)
-        own = f"{name}.parametrizations." if name else "parametrizations."  # where a parametrization keeps it
-        others = [h for h in holders.get(id(tensor), []) if h != name and not h.startswith(own)]
+        others = [n for owner, n in holders.get(id(tensor), {}).items() if owner not in owners]
         if others:
-            shared[name] = sorted(set(others))
+            shared[name] = sorted(others)
     return shared

@@ -52,7 +52,16 @@ _REGISTRY: dict[type[nn.Module], LayerSpec] = {
     nn.MultiheadAttention: LayerSpec("in_proj_weight"),
 }
 # Types of packages this one never imports: (module, class name) -> spec, registered once their module is imported.
-_OPTIONAL: dict[tuple[str, str], LayerSpec] = {("transformers.pytorch_utils", "Conv1D"): LayerSpec(out_dim=1)}
+# Besides HF's Conv1D, subclasses of prunable types whose own `forward` uses the weight as is (read in their source):
+# timm's Linear (casts the weight to the input's dtype: zeros stay zeros) and Conv2dSame (pads the input), HF Falcon's
+# FalconLinear (`input @ weight.T`). Without them these models' layers would be refused as forward-overriding.
+_OPTIONAL: dict[tuple[str, str], LayerSpec] = {
+    ("transformers.pytorch_utils", "Conv1D"): LayerSpec(out_dim=1),
+    ("timm.layers.linear", "Linear"): LayerSpec(),
+    ("timm.layers.conv2d_same", "Conv2dSame"): LayerSpec(),
+    ("timm.layers.conv2d_same", "Conv2dSameExport"): LayerSpec(),
+    ("transformers.models.falcon.modeling_falcon", "FalconLinear"): LayerSpec(),
+}
 # The type names of 0.1, the default `include_types` then (callback state keys of 0.1's checkpoints hold them).
 LEGACY_TYPE_NAMES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
 
@@ -73,10 +82,9 @@ def registered_types() -> dict[type[nn.Module], LayerSpec]:
 
 def type_names() -> tuple[str, ...]:
     """The names ``include_types`` accepts: every registered type's class name, and the optional built-ins' names
-    (``"Conv1D"``) whether or not their package is imported yet."""
-    names = [cls.__name__ for cls in registered_types()]
-    names += [name for _, name in _OPTIONAL if name not in names]
-    return tuple(names)
+    (``"Conv1D"``, ...) whether or not their package is imported yet; each name once."""
+    names = [cls.__name__ for cls in registered_types()] + [name for _, name in _OPTIONAL]
+    return tuple(dict.fromkeys(names))
 
 
 def types_named(names: tuple[str, ...]) -> tuple[type[nn.Module], ...]:
@@ -110,7 +118,14 @@ def register_layer_type(cls: type[nn.Module], tensor: str = "weight", out_dim: i
         raise TypeError(f"`cls` must be an nn.Module subclass, got {cls!r}")
     if not isinstance(tensor, str) or not tensor:
         raise TypeError(f"`tensor` must be the name of the layer's tensor to prune, got {tensor!r}")
-    _REGISTRY[cls] = LayerSpec(tensor, check_int("out_dim", out_dim, minimum=0))
+    spec = LayerSpec(tensor, check_int("out_dim", out_dim, minimum=0))
+    built_in = _OPTIONAL.get((cls.__module__, cls.__name__))
+    if built_in is not None and spec != built_in:
+        raise ValueError(
+            f"{cls.__module__}.{cls.__name__} is built in as {built_in}; registering it as {spec} would prune it "
+            "wrongly (e.g. rescale the wrong channels). HINT: leave it out of `layer_types`"
+        )
+    _REGISTRY[cls] = spec
 
 
 def register_layer_types(layer_types: Mapping[str, Mapping[str, Any]]) -> None:

@@ -90,8 +90,21 @@ def emptied_layers(layers: Mapping[str, nn.Module], per_layer: Mapping[str, floa
     return [name for name, count in zip(candidates, nonzero, strict=True) if count]
 
 
-# The aten operations that multiply a layer's weight with its input: what a sparse kernel could skip.
-_WEIGHT_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "linear")
+# The aten operations that multiply a layer's weight with its input, and the position of the weight among their
+# arguments (`linear` reaches dispatch as `addmm(bias, input, weight.t())` or `mm(input, weight.t())`).
+_WEIGHT_OPS = {"mm": 1, "addmm": 2, "bmm": 1, "baddbmm": 2, "convolution": 1, "linear": 1}
+
+
+def _owner(operand: Tensor, running: list[str], sizes: Mapping[str, int]) -> str | None:
+    """The watched layer whose weight ``operand`` is: the innermost running one of its size, else a layer inside the
+    innermost running one (``nn.MultiheadAttention`` calls its ``out_proj`` functionally, not as a module)."""
+    for name in reversed(running):
+        if sizes[name] == operand.numel():
+            return name
+    inner = running[-1] + "." if running[-1] else ""
+    return next(
+        (n for n, size in sizes.items() if n.startswith(inner) and n != running[-1] and size == operand.numel()), None
+    )
 
 
 @torch.no_grad()
@@ -114,19 +127,19 @@ def received_sparsity(model: nn.Module, example_input: Any, layers: Mapping[str,
         ``{name: fraction of zeros}``, the largest over the layer's calls; ``None`` for a layer none of whose
         operations received a tensor of its weight's size (never called, or used functionally).
     """
-    sizes = {name: pruned_tensor(module).numel() for name, module in layers.items()}
+    sizes = {name: raw_or_plain(module).numel() for name, module in layers.items()}
     running: list[str] = []
     seen: dict[str, float] = {}
 
     class _Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if running and func.overloadpacket.__name__ in _WEIGHT_OPS:
-                name = running[-1]
-                for operand in args:
-                    if isinstance(operand, Tensor) and operand.dim() >= 2 and operand.numel() == sizes[name]:
-                        zeros = float((operand == 0).sum()) / operand.numel()
-                        seen[name] = max(seen.get(name, 0.0), zeros)
-                        break
+            position = _WEIGHT_OPS.get(func.overloadpacket.__name__)
+            if running and position is not None and len(args) > position:
+                operand = args[position]
+                name = _owner(operand, running, sizes) if isinstance(operand, Tensor) else None
+                if name is not None:
+                    zeros = float((operand == 0).sum()) / operand.numel()
+                    seen[name] = max(seen.get(name, 0.0), zeros)
             return func(*args, **(kwargs or {}))
 
     def enter(name: str) -> Any:
@@ -140,11 +153,15 @@ def received_sparsity(model: nn.Module, example_input: Any, layers: Mapping[str,
         hooks.append(module.register_forward_pre_hook(enter(name)))
         hooks.append(module.register_forward_hook(leave, always_call=True))
     modes = {module: module.training for module in model.modules()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    # In eval mode under no_grad, attention runs a fused kernel that is not a matrix product of its weight.
+    torch.backends.mha.set_fastpath_enabled(False)
     model.eval()
     try:
         with _Recorder():
             call_with_example(model, example_input)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for hook in hooks:
             hook.remove()
         for module, training in modes.items():

@@ -220,6 +220,7 @@ class SoftThresholdParametrization(SparseParametrization):
 
     threshold: Tensor
     mask: Tensor | None
+    out_dim: int = 0  # a class default: parametrizations pickled by 0.1 have no such attribute
 
     def __init__(
         self,
@@ -257,9 +258,10 @@ class SoftThresholdParametrization(SparseParametrization):
     def _apply(self, fn: Any, recurse: bool = True) -> SoftThresholdParametrization:
         """Moves like any module, but the threshold stays float32 when the model is cast (``precision="bf16-true"``
         casts every floating buffer): the selection's threshold is a float32 score, and bf16 would round it."""
+        saved = self.threshold.detach().clone()  # before the cast: bf16 would round it for good
         super()._apply(fn, recurse)
         if self.threshold.dtype != torch.float32:
-            self.threshold = self.threshold.float()
+            self.threshold = saved.to(self.threshold.device)
         return self
 
     def freeze(self, mask: Tensor) -> None:

@@ -78,9 +78,10 @@ class STRParametrization(SparseParametrization):
         """Moves like any module, but ``s`` stays float32 when the model is cast (``precision="bf16-true"`` casts every
         floating parameter): at the authors' ``s = -3200`` bf16's spacing is 16, so most weight-decay steps on ``s``
         would round away."""
+        saved = self.s.detach().clone()  # before the cast: bf16 would round it for good
         super()._apply(fn, recurse)
         if self.s.dtype != torch.float32:
-            self.s.data = self.s.data.float()
+            self.s.data = saved.to(self.s.device)
         return self
 
     def pruned(self, weight: Tensor) -> Tensor:

@@ -240,3 +240,53 @@ def test_the_report_on_request_shows_the_zeros_the_ops_receive_next_to_the_store
     assert rows["0"]["zeros"] > 0
     assert rows["0"]["received_zeros"] == 0.0  # standardised: every stored zero became a non-zero
     assert rows["total"]["received_zeros"] is None
+
+
+def test_received_zeros_are_read_from_the_weight_operand_even_when_the_input_has_its_size() -> None:
+    linear, conv = torch.nn.Linear(8, 4), torch.nn.Conv2d(16, 64, 1)
+    attention = torch.nn.MultiheadAttention(8, 2)
+    with torch.no_grad():
+        for tensor in (linear.weight, conv.weight, attention.in_proj_weight, attention.out_proj.weight):
+            tensor.view(-1)[: tensor.numel() // 2] = 0
+    assert received_sparsity(linear, torch.randn(4, 8), {"": linear}) == {"": 0.5}  # input (4, 8) = weight's size
+    assert received_sparsity(conv, torch.randn(1, 16, 8, 8), {"": conv}) == {"": 0.5}
+    # Attention in eval mode under no_grad (its fused fast path turned off) and its functionally called out_proj.
+    layers = {"": attention, "out_proj": attention.out_proj}
+    assert received_sparsity(attention, (torch.randn(3, 1, 8),) * 3, layers) == {"": 0.5, "out_proj": 0.5}
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "tf_efficientnet_b0"])
+def test_timm_subclasses_that_use_the_weight_as_is_are_pruned_without_a_false_warning(name: str) -> None:
+    # timm's Linear (mobilenetv3's classifier) and Conv2dSame (tf_efficientnet) override forward but use the weight
+    # as is: they are built in, and the end-of-fit check of what the ops receive stays quiet.
+    import warnings
+
+    model = ImageModule(timm.create_model(name, num_classes=10, pretrained=False))
+    callback = ST3PruningCallback(0.5, start=0, end=1, report=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*receive fewer zeros than their weights hold")
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, _images(2))
+    classes = {layer_type(layer).__name__ for layer in callback.layers.values()}
+    assert classes >= ({"Linear"} if "mobilenet" in name else {"Conv2dSame"})
+
+
+def test_one_network_under_two_attribute_names_is_not_a_tied_weight() -> None:
+    class Aliased(ImageModule):
+        def __init__(self) -> None:
+            super().__init__(timm.create_model("resnet18", num_classes=10, pretrained=False))
+            self.backbone = self.model  # the same modules, reachable under a second name
+
+    model = Aliased()
+    callback = ST3PruningCallback(0.5, start=0, end=1, report=False)
+    quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, _images(1))
+    assert len(callback.layers) == 21  # every conv and the classifier, once
+
+
+def test_a_contradicting_registration_of_a_built_in_type_and_an_impossible_out_dim_are_errors() -> None:
+    with pytest.raises(ValueError, match=r"Conv1D is built in as LayerSpec\(tensor='weight', out_dim=1\)"):
+        ST3PruningCallback(layer_types={"transformers.pytorch_utils.Conv1D": {}})
+    callback = ST3PruningCallback(0.5, start=0, end=1, layer_types={"torch.nn.Bilinear": {"out_dim": 5}})
+    model = ImageModule(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)))
+    model.model.append(torch.nn.Bilinear(10, 10, 10))
+    with pytest.raises(MisconfigurationException, match=r"`model.2` \(Bilinear\) is registered with out_dim=5"):
+        quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, _images(1))
