@@ -39,7 +39,7 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
         "selection": ("core.selection",),
         "threshold": ("core.threshold", "core.selection"),
         "flops": ("core.flops",),
-        "layers": ("core.layers",),
+        "layers": ("core.layers", "core.registry"),
         "distributed": ("core.distributed",),
         "kernels": ("core.kernels",),
         "data": ("recipes.data",),
@@ -63,7 +63,7 @@ MOVED_NAMES: dict[str, dict[str, str]] = {
     package: {name: f"{_PACKAGE}.{module}" for module, names in table.items() for name in names}
     for package, table in {
         _PACKAGE: {
-            "core.layers": ("PRUNABLE_TYPES",),
+            "core.registry": ("PRUNABLE_TYPES",),
             "core.flops": ("measure_layer_macs", "sparse_macs"),
             "core.schedule": ("resolve_step",),
             "core.threshold": ("layer_score_factor", "num_pruned", "pruning_scores"),

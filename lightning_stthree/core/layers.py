@@ -20,15 +20,6 @@ from torch.nn.utils import parametrize
 from lightning_stthree.core.checks import check_strings
 from lightning_stthree.core.registry import overrides_forward, spec_of, type_names, types_named
 
-# The built-in types of 0.1 by name (the registry has more: `registry.registered_types()`).
-PRUNABLE_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Conv3d": nn.Conv3d,
-    "MultiheadAttention": nn.MultiheadAttention,
-}
-
 
 def layer_type(module: nn.Module) -> type[nn.Module]:
     """The class ``module`` was built as, before the classes that parametrizations (``Parametrized<Layer>``) and

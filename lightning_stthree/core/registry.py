@@ -62,34 +62,38 @@ _OPTIONAL: dict[tuple[str, str], LayerSpec] = {
     ("timm.layers.conv2d_same", "Conv2dSameExport"): LayerSpec(),
     ("transformers.models.falcon.modeling_falcon", "FalconLinear"): LayerSpec(),
 }
-# The type names of 0.1, the default `include_types` then (callback state keys of 0.1's checkpoints hold them).
-LEGACY_TYPE_NAMES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
+# The built-in types of 0.1 by name: its `PRUNABLE_TYPES`, and its default `include_types` (callback state keys of
+# 0.1's checkpoints hold those names).
+PRUNABLE_TYPES: dict[str, type[nn.Module]] = {cls.__name__: cls for cls in _REGISTRY}
+LEGACY_TYPE_NAMES: tuple[str, ...] = tuple(PRUNABLE_TYPES)
 
 
-def _register_optional() -> None:
+def _registry() -> dict[type[nn.Module], LayerSpec]:
+    """The registry itself (not a copy: the lookups below run per layer on the per-step path), with the optional
+    built-ins whose packages are imported by now."""
     for (module_name, class_name), spec in _OPTIONAL.items():
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if isinstance(cls, type) and cls not in _REGISTRY:
             _REGISTRY[cls] = spec
+    return _REGISTRY
 
 
 def registered_types() -> dict[type[nn.Module], LayerSpec]:
-    """The registered layer types and their specs, in registration order."""
-    _register_optional()
-    return dict(_REGISTRY)
+    """The registered layer types and their specs, in registration order (a copy)."""
+    return dict(_registry())
 
 
 def type_names() -> tuple[str, ...]:
     """The names ``include_types`` accepts: every registered type's class name, and the optional built-ins' names
     (``"Conv1D"``, ...) whether or not their package is imported yet; each name once."""
-    names = [cls.__name__ for cls in registered_types()] + [name for _, name in _OPTIONAL]
+    names = [cls.__name__ for cls in _registry()] + [name for _, name in _OPTIONAL]
     return tuple(dict.fromkeys(names))
 
 
 def types_named(names: tuple[str, ...]) -> tuple[type[nn.Module], ...]:
     """The registered types with these class names (an optional type whose package is not imported has none)."""
-    return tuple(cls for cls in registered_types() if cls.__name__ in names)
+    return tuple(cls for cls in _registry() if cls.__name__ in names)
 
 
 def register_layer_type(cls: type[nn.Module], tensor: str = "weight", out_dim: int = 0) -> None:
@@ -164,14 +168,14 @@ def _import_type(path: object) -> type[nn.Module]:
 
 def registered_base(cls: type) -> type[nn.Module] | None:
     """The registered type ``cls`` is, or derives from (the nearest in its MRO), or ``None``."""
-    registry = registered_types()
+    registry = _registry()
     return next((base for base in cls.__mro__ if base in registry), None)
 
 
 def spec_of(cls: type) -> LayerSpec:
     """The spec of ``cls``'s registered base; the default (``weight``, dim 0) for an unregistered type."""
     base = registered_base(cls)
-    return LayerSpec() if base is None else registered_types()[base]
+    return LayerSpec() if base is None else _REGISTRY[base]
 
 
 def overrides_forward(cls: type) -> bool:
