@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -132,6 +133,11 @@ class SparseTrainingCallback(Callback):
         """The ``include_types`` in the checkpoint state key: 0.1's default names when all types are pruned, so
         that checkpoints of 0.1 restore the callback's state."""
         return LEGACY_TYPE_NAMES if self._all_types else self.include_types
+
+    def example_input(self, pl_module: pl.LightningModule) -> Any:
+        """The example batch MACs and the end-of-fit check run on: zeros of ``input_shape`` if given, else the
+        LightningModule's ``example_input_array`` (``None`` when there is neither)."""
+        return pl_module.example_input_array if self.input_shape is None else torch.zeros(self.input_shape)
 
     @property
     def layers(self) -> dict[str, nn.Module]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
@@ -181,7 +180,7 @@ def check_received_sparsity(
         The mismatched layers: ``{name: fraction of zeros received}`` (empty when all agree or nothing was checked).
     """
     layers = callback.layers
-    example = pl_module.example_input_array if callback.input_shape is None else torch.zeros(callback.input_shape)
+    example = callback.example_input(pl_module)
     if example is None or not layers or any(is_dtensor(raw_or_plain(m)) for m in layers.values()):
         return {}
     try:

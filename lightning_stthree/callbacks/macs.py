@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -34,7 +33,7 @@ def measure_fit_macs(
     name = type(callback).__name__
     pruned = callback.layers
     required = callback._macs_required
-    example = pl_module.example_input_array if callback.input_shape is None else torch.zeros(callback.input_shape)
+    example = callback.example_input(pl_module)
     if example is None:
         if required:
             raise MisconfigurationException(
