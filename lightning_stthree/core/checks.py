@@ -64,7 +64,14 @@ def check_int(name: str, value: object, minimum: int | None = None, unit: str | 
     return int(value)
 
 
-def check_number(name: str, value: object, low: float = -math.inf, high: float = math.inf, closed: str = "[]") -> float:
+def check_number(
+    name: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    closed: str = "[]",
+    finite: bool = True,
+) -> float:
     """Return ``value`` as a ``float`` if it is a finite real number (``int``, ``float``, ``numpy.float32``, ...; not a
     ``bool``) in the interval from ``low`` to ``high``.
 
@@ -74,10 +81,12 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
         low: The interval's lower end.
         high: The interval's upper end.
         closed: Which ends are included: ``"[]"``, ``"[)"``, ``"(]"`` or ``"()"``.
+        finite: Refuse infinities; ``False`` lets an infinite end of the interval be given when ``closed`` includes
+            it (``min_speedup=math.inf``). NaN is always refused.
 
     Raises:
         TypeError: If ``value`` is not a real number (a ``bool`` or a string included).
-        ValueError: If it is NaN, infinite or outside the interval.
+        ValueError: If it is NaN, infinite (with ``finite``) or outside the interval.
 
     Example::
 
@@ -95,8 +104,9 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
         number = float(value)
     except OverflowError:  # an int too large for a float
         number = math.inf if value > 0 else -math.inf
-    if not math.isfinite(number):
-        raise ValueError(f"`{name}` must be a finite number in {interval}, got {value!r}")
+    if math.isnan(number) or (finite and math.isinf(number)):
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"`{name}` must be {kind} in {interval}, got {value!r}")
     above = number >= low if closed[0] == "[" else number > low
     below = number <= high if closed[1] == "]" else number < high
     if not (above and below):

@@ -200,8 +200,7 @@ def to_sparse_inference(
         print(report)
         torch.save(sparse_model.state_dict(), "sparse.pt")  # load: restore_sparse_inference
     """
-    if min_speedup != math.inf:  # check_number takes finite numbers only; math.inf times every layer, converts none
-        check_number("min_speedup", min_speedup, 0.0, math.inf, "[]")
+    check_number("min_speedup", min_speedup, 0.0, math.inf, "[]", finite=False)  # math.inf: time all, convert none
     check_int("repeats", repeats, minimum=1, unit="timed calls per layer")
     dense_model = make_permanent(model if inplace else copy.deepcopy(model)).eval()
     reference = copy.deepcopy(dense_model)  # for the end-to-end timing, never modified

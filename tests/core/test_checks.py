@@ -34,6 +34,16 @@ from lightning_stthree.core.checks import (
         (lambda: check_choice("c", 3, ("a", "b")), TypeError, r"^`c` must be one of \('a', 'b'\), got 3$"),
         (lambda: check_number("x", 10**400, 0, 1), ValueError, r"^`x` must be a finite number in \[0, 1\], got 1000"),
         (lambda: check_number("x", np.float32("nan")), ValueError, r"must be a finite number"),
+        (
+            lambda: check_number("x", math.inf, 0, math.inf, "[)", finite=False),
+            ValueError,
+            r"^`x` must be in \[0, inf\)",
+        ),
+        (
+            lambda: check_number("x", math.nan, finite=False),
+            ValueError,
+            r"^`x` must be a number in \[-inf, inf\], got nan$",
+        ),
         (lambda: check_choice("c", True, (1, 2)), TypeError, r"got True$"),
         (lambda: check_strings("s", "ab", "names"), TypeError, r"^`s` must be a list of names, got 'ab'$"),
         (lambda: check_strings("s", ["a", ""], "names"), TypeError, r"got \['a', ''\]$"),
@@ -62,6 +72,7 @@ def test_valid_values_come_back_normalised() -> None:
 
 def test_numpy_numbers_are_numbers_and_sets_of_names_are_sorted() -> None:
     assert check_number("x", np.float32(0.5), 0, 1) == 0.5
+    assert check_number("x", math.inf, 0, math.inf, "[]", finite=False) == math.inf
     assert check_int("n", np.int64(4), minimum=1) == 4
     assert type(check_int("n", np.int64(4))) is int
     assert check_strings("s", {"Linear", "Conv2d"}, "names") == ("Conv2d", "Linear")

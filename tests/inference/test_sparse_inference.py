@@ -385,7 +385,7 @@ def test_inference_mode_and_dtype_moves() -> None:
     [
         ({"min_speedup": -1}, ValueError, r"`min_speedup` must be in \[0, inf\], got -1"),
         ({"min_speedup": "fast"}, TypeError, r"`min_speedup` must be a number in \[0, inf\], got 'fast'"),
-        ({"min_speedup": math.nan}, ValueError, r"`min_speedup` must be a finite number in \[0, inf\], got nan"),
+        ({"min_speedup": math.nan}, ValueError, r"`min_speedup` must be a number in \[0, inf\], got nan"),
         ({"repeats": 0}, ValueError, r"`repeats` must be an int >= 1 \(timed calls per layer\), got 0"),
         ({"repeats": 2.5}, TypeError, r"`repeats` must be an int >= 1 \(timed calls per layer\), got 2.5"),
     ],
