@@ -20,13 +20,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree.callbacks.base import SparseTrainingCallback
-from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
+from lightning_stthree.core.checks import check_bool, check_choice, check_int
 from lightning_stthree.core.distributed import local_tensor
 from lightning_stthree.core.kernels import check_compiles
 from lightning_stthree.core.layers import pruned_tensor
 from lightning_stthree.core.schedule import DEFAULT_POWER, ScheduleError, SparsitySchedule, StepSpec
-from lightning_stthree.core.threshold import CRITERIA, layer_thresholds
-from lightning_stthree.core.tracking import BUDGETS, NonFiniteWeightsError, ThresholdTracker
+from lightning_stthree.core.threshold import layer_thresholds
+from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
 from lightning_stthree.methods.parametrization import raw_weight
 from lightning_stthree.methods.st3 import (
     SoftThresholdParametrization,
@@ -50,16 +50,6 @@ def _schedule_setting(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
-_TRACKER_CHECKS: dict[str, Any] = {
-    "criterion": lambda value: check_choice("criterion", value, CRITERIA),
-    "budget": lambda value: check_choice("budget", value, BUDGETS),
-    "compile_kernels": lambda value: check_bool("compile_kernels", value),
-    "threshold": lambda value: check_number("threshold", value, 0.0),
-    "sparsity": lambda value: check_number("sparsity", value, 0.0, 1.0),
-    "step": lambda value: check_int("last_update_step", value, minimum=-1),
-}
-
-
 def _tracker_setting(name: str, doc: str) -> property:
     """A callback attribute kept by its :class:`ThresholdTracker` (assigning validates it)."""
 
@@ -67,7 +57,7 @@ def _tracker_setting(name: str, doc: str) -> property:
         return getattr(callback.tracker, name)
 
     def set_(callback: ST3PruningCallback, value: Any) -> None:
-        setattr(callback.tracker, name, _TRACKER_CHECKS[name](value))
+        callback.tracker.set(name, value)
 
     return property(get, set_, doc=doc)
 
@@ -197,7 +187,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         layer_types: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
-        self.tracker = ThresholdTracker(criterion, budget, check_bool("compile_kernels", compile_kernels))
+        self.tracker = ThresholdTracker(criterion, budget, compile_kernels)
         super().__init__(
             include_types=include_types,
             exclude=exclude,

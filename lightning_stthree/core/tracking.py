@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.core.checks import check_bool, check_choice
+from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
 from lightning_stthree.core.selection import PIVOT_WINDOW, NonFiniteScoresError, nonfinite_counts, pivot_window
 from lightning_stthree.core.threshold import CRITERIA, Criterion, global_threshold, weighted_global_threshold
 
@@ -34,6 +34,17 @@ class NonFiniteWeightsError(FloatingPointError):
     def __init__(self, counts: dict[int, tuple[int, int]]) -> None:
         super().__init__(f"the weight tensors at indices {sorted(counts)} hold NaN or Inf entries: {counts}")
         self.counts = counts
+
+
+# The checks of what may be assigned to a tracker's attribute, by attribute (the error names the callback's argument).
+_CHECKS: dict[str, Any] = {
+    "criterion": lambda value: check_choice("criterion", value, CRITERIA),
+    "budget": lambda value: check_choice("budget", value, BUDGETS),
+    "compile_kernels": lambda value: check_bool("compile_kernels", value),
+    "threshold": lambda value: check_number("threshold", value, 0.0),
+    "sparsity": lambda value: check_number("sparsity", value, 0.0, 1.0),
+    "step": lambda value: check_int("last_update_step", value, minimum=-1),
+}
 
 
 class ThresholdTracker:
@@ -63,13 +74,26 @@ class ThresholdTracker:
     """
 
     def __init__(self, criterion: Criterion = "l1", budget: Budget = "params", compile_kernels: bool = False) -> None:
-        self.criterion: Criterion = check_choice("criterion", criterion, CRITERIA)
-        self.budget: Budget = check_choice("budget", budget, BUDGETS)
-        self.compile_kernels = check_bool("compile_kernels", compile_kernels)
+        self.criterion: Criterion = _CHECKS["criterion"](criterion)
+        self.budget: Budget = _CHECKS["budget"](budget)
+        self.compile_kernels: bool = _CHECKS["compile_kernels"](compile_kernels)
         self.threshold = 0.0
         self.sparsity = 0.0
         self.step = -1
         self.last_relative_move = PIVOT_WINDOW
+
+    def set(self, name: str, value: Any) -> None:
+        """Assign a setting (``criterion``, ``budget``, ``compile_kernels``) or a state value (``threshold``,
+        ``sparsity``, ``step``) with the constructor's checks.
+
+        Raises:
+            TypeError: If ``value`` has the wrong type.
+            ValueError: If it is out of range, or ``name`` is none of these.
+        """
+        check = _CHECKS.get(name)
+        if check is None:
+            raise ValueError(f"`name` must be one of {tuple(_CHECKS)}, got {name!r}")
+        setattr(self, name, check(value))
 
     @torch.no_grad()
     def update(

@@ -141,3 +141,16 @@ def test_state_is_plain_python_and_round_trips() -> None:
 def test_bad_settings_name_the_argument(kwargs: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         ThresholdTracker(**kwargs)
+
+
+def test_assignments_go_through_the_constructors_checks() -> None:
+    tracker = ThresholdTracker()
+    tracker.set("criterion", "l1_std")
+    tracker.set("step", 3)
+    assert (tracker.criterion, tracker.step) == ("l1_std", 3)
+    with pytest.raises(ValueError, match=r"`budget` must be one of \('params', 'flops'\), got 'macs'"):
+        tracker.set("budget", "macs")
+    with pytest.raises(ValueError, match=r"`threshold` must be in \[0, inf\], got -1.0"):
+        tracker.set("threshold", -1.0)
+    with pytest.raises(ValueError, match=r"`name` must be one of \('criterion'"):
+        tracker.set("pivot", 0.1)
