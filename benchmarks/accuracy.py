@@ -3,6 +3,8 @@
     python benchmarks/accuracy.py                 # the full run: 26 trainings, about 25 min on 2 CPU cores
     python benchmarks/accuracy.py --epochs 2      # the same with 2 epochs per training (about an hour)
     python benchmarks/accuracy.py --quick         # a smoke run of every method in a couple of minutes
+    python benchmarks/accuracy.py --methods st3 st3_sigma --sparsities 0.9 0.98 --min-density-ratio 0 0.05
+                                                  # the density floor against the pure global threshold
     python benchmarks/accuracy.py --epochs 30 --seeds 0 1 2 --accelerator gpu   # a longer run on a GPU
 
 Every run trains a CIFAR-style ResNet-8 (75k parameters, 1-channel input) on the 60,000 Fashion-MNIST training
@@ -44,6 +46,7 @@ import torch
 from torch.utils.data import Subset
 
 from lightning_stthree import ST3PruningCallback, STRPruningCallback, sparsity_report
+from lightning_stthree.callbacks.st3 import DEFAULT_MIN_DENSITY_RATIO
 from lightning_stthree.recipes.data import FashionMNISTDataModule
 from lightning_stthree.recipes.models import ImageClassifier
 
@@ -56,14 +59,34 @@ STR_S_INIT = {0.9: -2.2, 0.95: -1.9, 0.98: -1.5}
 MODEL = "resnet8"
 
 
-def make_callback(method: str, sparsity: float, s_init: float | None) -> pl.Callback | None:
-    """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training; STR uses ``s_init``)."""
+class HeldLayers(pl.Callback):
+    """Records every layer an ``ST3PruningCallback`` held at its density floor during the run."""
+
+    def __init__(self, callback: ST3PruningCallback) -> None:
+        self.callback = callback
+        self.held: set[str] = set()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.held.update(self.callback.held_layers)
+
+
+def make_callback(
+    method: str, sparsity: float, s_init: float | None, min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO
+) -> pl.Callback | None:
+    """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training; STR uses ``s_init``;
+    the others the density floor ``min_density_ratio``)."""
     common: dict[str, Any] = {"report": False, "log_layer_sparsity": False}
     if method == "dense":
         return None
     if method == "str":
         return STRPruningCallback(s_init=s_init, **common)
-    schedule: dict[str, Any] = {"target_sparsity": sparsity, "start": 0.05, "end": 0.5, **common}
+    schedule: dict[str, Any] = {
+        "target_sparsity": sparsity,
+        "start": 0.05,
+        "end": 0.5,
+        "min_density_ratio": min_density_ratio,
+        **common,
+    }
     if method == "gmp":
         return ST3PruningCallback(soft_threshold=False, straight_through=False, rescale=False, **schedule)
     if method == "st3":
@@ -122,13 +145,15 @@ def run(
     seed: int,
     args: argparse.Namespace,
     s_init: float | None = None,
+    min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
 ) -> dict[str, Any]:
     """Train one configuration and measure test accuracy, sparsity and MACs (STR: ``s_init`` or the target's)."""
     if method == "str" and s_init is None:
         s_init = STR_S_INIT[sparsity]
-    callback = make_callback(method, sparsity, s_init)
+    callback = make_callback(method, sparsity, s_init, min_density_ratio)
+    held = HeldLayers(callback) if isinstance(callback, ST3PruningCallback) else None
     model, accuracy, seconds = fit_and_test(
-        [] if callback is None else [callback],
+        [c for c in (callback, held) if c is not None],
         seed,
         epochs=args.epochs,
         gradient_clip_val=args.gradient_clip_val or None,
@@ -150,22 +175,27 @@ def run(
     }
     if method == "str":
         result["s_init"] = s_init
+    if held is not None:
+        result["min_density_ratio"] = min_density_ratio
+        result["held_layers"] = sorted(held.held)
     print(json.dumps(result), flush=True)
     return result
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread (min-max over seeds) per method and target."""
-    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, float | None, float | None], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["method"], r["target"]), []).append(r)
+        groups.setdefault((r["method"], r["target"], r.get("min_density_ratio")), []).append(r)
     rows = []
-    for (method, target), runs in groups.items():
+    for (method, target, ratio), runs in groups.items():
         accs = [r["test_acc"] for r in runs]
         rows.append(
             {
                 "method": method,
                 "target": target,
+                "min_density_ratio": ratio,
+                "held_layers": sorted({n for r in runs for n in r.get("held_layers", [])}),
                 "seeds": len(runs),
                 "acc_mean": statistics.mean(accs),
                 "acc_min": min(accs),
@@ -176,19 +206,24 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda r: (r["target"] or 0.0, order[r["method"]]))
+    return sorted(rows, key=lambda r: (r["target"] or 0.0, order[r["method"]], r["min_density_ratio"] or 0.0))
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table."""
+def markdown(rows: list[dict[str, Any]], floors: bool = False) -> str:
+    """The summary as a Markdown table (``floors``: with each row's ``min_density_ratio`` and the layers it held)."""
+    extra = " min_density_ratio | layers held (any seed, any step) |" if floors else ""
     lines = [
-        "| target | method | test acc. (mean, min-max) | sparsity | MMACs / image |",
-        "|---|---|---|---|---|",
+        "| target | method |" + extra + " test acc. (mean, min-max) | sparsity | MMACs / image |",
+        "|---|---|" + ("---|---|" if floors else "") + "---|---|---|",
     ]
     for r in rows:
         target = "dense" if r["target"] is None else f"{100 * r['target']:.0f}%"
+        cells = ""
+        if floors:
+            ratio = "-" if r["min_density_ratio"] is None else f"{r['min_density_ratio']:g}"
+            cells = f" {ratio} | {', '.join(r['held_layers']) or 'none'} |"
         lines.append(
-            f"| {target} | {r['method']} | {100 * r['acc_mean']:.2f} ({100 * r['acc_min']:.2f}-"
+            f"| {target} | {r['method']} |{cells} {100 * r['acc_mean']:.2f} ({100 * r['acc_min']:.2f}-"
             f"{100 * r['acc_max']:.2f}) | {100 * r['sparsity_mean']:.2f}% | {r['macs_sparse_mean'] / 1e6:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -200,10 +235,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_sparsity, by_macs = figure.subplots(1, 2)
-    for method in METHODS:
-        points = [r for r in rows if r["method"] == method]
-        if not points:
-            continue
+    lines = sorted(
+        {(r["method"], r["min_density_ratio"]) for r in rows}, key=lambda k: (METHODS.index(k[0]), k[1] or 0)
+    )
+    several = len({ratio for _, ratio in lines if ratio is not None}) > 1
+    for method, ratio in lines:
+        points = [r for r in rows if r["method"] == method and r["min_density_ratio"] == ratio]
         x = [100 * r["sparsity_mean"] for r in points]
         macs = [r["macs_sparse_mean"] / 1e6 for r in points]
         acc = [100 * r["acc_mean"] for r in points]
@@ -211,7 +248,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             [100 * (r["acc_mean"] - r["acc_min"]) for r in points],
             [100 * (r["acc_max"] - r["acc_mean"]) for r in points],
         ]
-        style = {"marker": "o", "capsize": 3, "label": method}
+        label = f"{method}, min_density_ratio {ratio:g}" if several and ratio is not None else method
+        style = {"marker": "o", "capsize": 3, "label": label}
         by_sparsity.errorbar(x, acc, yerr=errors, **style)
         by_macs.errorbar(macs, acc, yerr=errors, **style)
     by_sparsity.set(xlabel="sparsity of Conv/Linear weights (%)", ylabel="test accuracy (%)")
@@ -235,6 +273,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gradient-clip-val", type=float, default=1.0, help="gradient norm clipping, 0 for none")
     parser.add_argument("--train-subset", type=int, default=0, help="train on the first N images only")
     parser.add_argument("--test-subset", type=int, default=10_000)
+    parser.add_argument(
+        "--min-density-ratio",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_MIN_DENSITY_RATIO],
+        help="ST3PruningCallback's density floor for gmp/st3/st3_sigma; several values compare them (written as "
+        "accuracy_floor*)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 epoch on 2,000 images, one seed, 90%% only")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -254,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "dense" in args.methods:
             results.append(run("dense", 0.0, seed, args))
         for sparsity in args.sparsities:
-            results += [run(m, sparsity, seed, args) for m in args.methods if m != "dense"]
+            for method in [m for m in args.methods if m != "dense"]:
+                ratios = [DEFAULT_MIN_DENSITY_RATIO] if method == "str" else args.min_density_ratio
+                results += [run(method, sparsity, seed, args, min_density_ratio=ratio) for ratio in ratios]
     rows = summarize(results) if not args.str_s_init else results
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores)"
     info = {
@@ -266,16 +314,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_subset": args.train_subset,
         "gradient_clip_val": args.gradient_clip_val,
         "model": MODEL,
+        "min_density_ratio": args.min_density_ratio,
         "wall_seconds": time.perf_counter() - started,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "accuracy_quick" if args.quick else ("str_sweep" if args.str_s_init else "accuracy")
+    floors = args.min_density_ratio != parser.get_default("min_density_ratio")
+    if floors:
+        name += "_floor"
     if args.gradient_clip_val != parser.get_default("gradient_clip_val"):
         name += f"_clip{args.gradient_clip_val:g}"
     (out / f"{name}.json").write_text(json.dumps({"machine": info, "runs": results, "summary": rows}, indent=2))
     if not args.str_s_init:
-        table = markdown(rows)
+        table = markdown(rows, floors)
         (out / f"{name}.md").write_text(f"{table}\n{info}\n")
         plot(rows, out / f"{name}.png")
         print(table)

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_stthree.callbacks.layers import check_received_sparsity, choose_layers
+from lightning_stthree.callbacks.layers import check_received_sparsity, choose_layers, tie_holders
 from lightning_stthree.callbacks.macs import measure_fit_macs
 from lightning_stthree.core.checks import check_bool, check_shape
 from lightning_stthree.core.distributed import follow_parametrization, is_dtensor
@@ -67,6 +67,13 @@ class SparseTrainingCallback(Callback):
         report: Print the per-layer sparsity and MACs table when ``fit`` ends (rank zero only).
         save_plots: When ``fit`` ends, save ``<prefix>_sparsity.png`` and ``<prefix>_layers.png`` in the Trainer's
             log directory, and log them as figures to a TensorBoard logger. Needs matplotlib (the ``plot`` extra).
+        check_received: At the end of ``fit``, run the example input once (``example_input_array`` or
+            ``input_shape``) and warn about pruned layers whose matrix products or convolutions receive fewer zeros
+            than reported (their forward transforms the weight). ``False`` skips that forward pass.
+        prune_tied: Prune a tensor other modules hold too (tied weights: a Hugging Face ``lm_head`` and its token
+            embedding) for every one of them: the layer is pruned, and the other holders read its effective weight
+            (one parameter, one matrix; the embedding lookup gets the same zeros). By default such layers are left
+            dense, said once and in the report. Not under FSDP2.
     """
 
     #: Prefix of the logged metrics, the plots' file names and the report's title.
@@ -86,8 +93,12 @@ class SparseTrainingCallback(Callback):
         report: bool = True,
         save_plots: bool = False,
         layer_types: dict[str, dict[str, Any]] | None = None,
+        check_received: bool = True,
+        prune_tied: bool = False,
     ) -> None:
         for name, flag in (
+            ("check_received", check_received),
+            ("prune_tied", prune_tied),
             ("log_layer_sparsity", log_layer_sparsity),
             ("make_permanent_at_end", make_permanent_at_end),
             ("report", report),
@@ -111,6 +122,8 @@ class SparseTrainingCallback(Callback):
         self.input_shape = None if input_shape is None else check_shape("input_shape", input_shape)
         self.report = report
         self.save_plots = save_plots
+        self.check_received = check_received
+        self.prune_tied = prune_tied
         # One record per logged step of the current run in this process (not checkpointed): the sparsity plot's data.
         self.history: list[dict[str, float]] = []
         # Derived at setup, not saved.
@@ -123,6 +136,7 @@ class SparseTrainingCallback(Callback):
         self._warned_empty: set[str] = set()  # layers already reported as entirely pruned in this run
         self._warned_separate_attention: set[str] = set()  # attention layers reported as not pruned
         self._warned_shared: set[str] = set()  # layers with tied tensors reported as left dense
+        self._tied: dict[str, list[str]] = {}  # prune_tied: pruned layer -> the other modules reading its weight
 
     @property
     def _name(self) -> str:
@@ -263,7 +277,8 @@ class SparseTrainingCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # `trainer.log_dir` is a collective under DDP: every rank asks, only rank zero reports.
         directory = Path(trainer.log_dir or trainer.default_root_dir) if self.save_plots else None
-        check_received_sparsity(self, trainer, pl_module)
+        if self.check_received:
+            check_received_sparsity(self, trainer, pl_module)
         if self.report or self.save_plots:
             # Every rank counts its shards (sharded training), rank zero prints and plots.
             rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
@@ -360,12 +375,20 @@ class SparseTrainingCallback(Callback):
         self._layer_macs = {}  # not the last run's, should the measurement fail
         self._layer_macs = measure_fit_macs(self, pl_module, all_layers)
 
+    def _report_notes(self) -> list[str]:
+        """Lines under the report: the tied weights pruned for all their users, and what the method adds (e.g. the
+        layers ST-3's density floor held)."""
+        return [f"Pruned for all their users (prune_tied=True): {self._tied}"] if self._tied else []
+
     def _print_report(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
         title = f"{self.method_name} sparsity report (MACs per sample)"
+        notes = "".join(f"\n{note}" for note in self._report_notes())
         if isinstance(trainer.progress_bar_callback, RichProgressBar):
             print_rich_report(rows, title)
+            if notes:
+                rank_zero_info(notes.lstrip("\n"))
         else:
-            rank_zero_info(f"{title}:\n" + format_report(rows))
+            rank_zero_info(f"{title}:\n" + format_report(rows) + notes)
 
     def _save_plots(self, trainer: pl.Trainer, rows: list[dict[str, Any]], directory: Path) -> None:
         title = f"{self.method_name} sparsity over training"
@@ -400,6 +423,8 @@ class SparseTrainingCallback(Callback):
             try:
                 self._register(module)
                 follow_parametrization(pl_module, module, pruned_tensor_name(module))
+                if self.prune_tied:
+                    tie_holders(self, pl_module, name, module)
             except ValueError as err:
                 raise MisconfigurationException(f"Layer `{name}`: {err}. HINT: add '{name}' to `exclude`.") from err
         self._layers = layers

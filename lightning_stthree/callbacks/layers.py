@@ -6,7 +6,8 @@ a LightningModule when a callback attaches, with the messages a user acts on:
 - a layer whose class overrides a registered type's ``forward`` is refused (its forward may transform the weight, so
   the zeros the callback reports would not be the zeros the operation receives), naming the ways out;
 - a layer whose tensor other modules hold too (tied weights: a language model's ``lm_head`` and token embedding) is
-  left dense, said once: pruning it for one of its users would give one parameter two matrices;
+  left dense, said once: pruning it for one of its users would give one parameter two matrices; with
+  ``prune_tied=True`` it is pruned and every other holder reads the same effective weight (:func:`tie_holders`);
 - at the end of ``fit``, the zeros the layers' operations receive are checked against the zeros reported
   (:func:`check_received_sparsity`), so a layer type nobody has seen yet cannot make the report lie silently;
 - attention layers with separate ``q/k/v_proj_weight``, two callbacks on one layer, and sharded layers a method cannot
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_stthree.core.distributed import is_dtensor
@@ -32,6 +33,12 @@ from lightning_stthree.core.layers import (
     unpruned_attention,
 )
 from lightning_stthree.methods.measure import layer_sparsity, raw_or_plain, received_sparsity
+from lightning_stthree.methods.parametrization import (
+    raw_weight,
+    reads_tied_weight,
+    tensor_holders,
+    tie_sparse_parametrization,
+)
 
 if TYPE_CHECKING:
     from lightning_stthree.callbacks.base import SparseTrainingCallback
@@ -109,6 +116,8 @@ def _refuse_transforming(name: str, layers: dict[str, nn.Module], transforming: 
 def _without_shared(
     callback: SparseTrainingCallback, pl_module: nn.Module, layers: dict[str, nn.Module], warn: bool
 ) -> dict[str, nn.Module]:
+    if callback.prune_tied:
+        return _one_layer_per_tensor(layers)
     shared = shared_tensors(pl_module, layers)
     new = {n: holders for n, holders in shared.items() if n not in callback._warned_shared}
     if warn and new:
@@ -117,10 +126,39 @@ def _without_shared(
             f"{type(callback).__name__} leaves {sorted(new)} dense: their weights are also held by "
             f"{dict(list(new.items())[:5])} (tied weights, e.g. an lm_head tied to the token "
             "embedding), and pruning them for one module would give one parameter two different matrices. The report "
-            "lists them as not pruned. HINT: untie them (e.g. `tie_word_embeddings=False` in a Hugging Face config) to "
-            "prune them."
+            "lists them as not pruned. HINT: pass `prune_tied=True` to prune them for every module that uses them, or "
+            "untie them (e.g. `tie_word_embeddings=False` in a Hugging Face config)."
         )
     return {n: m for n, m in layers.items() if n not in shared}
+
+
+def _one_layer_per_tensor(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``prune_tied=True``: one pruned layer per tensor, the first by name; the other holders of a tied tensor read
+    its effective weight (:func:`tie_holders`)."""
+    kept: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, module in layers.items():
+        tensor = raw_or_plain(module)
+        if reads_tied_weight(module) or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        kept[name] = module
+    return kept
+
+
+def tie_holders(callback: SparseTrainingCallback, pl_module: nn.Module, name: str, layer: nn.Module) -> None:
+    """``prune_tied=True``: make every other module holding ``layer``'s raw tensor read its effective weight, said once
+    per layer."""
+    holders = tensor_holders(pl_module, raw_weight(layer), layer)
+    if not holders:
+        return
+    tie_sparse_parametrization(layer, [(module, attribute) for _, module, attribute in holders])
+    names = [holder for holder, _, _ in holders]
+    callback._tied[name] = callback._tied.get(name, []) + names
+    rank_zero_info(
+        f"{type(callback).__name__} prunes `{name}` for every module that uses its tensor (`prune_tied=True`): "
+        f"{names} read the same effective weight."
+    )
 
 
 def _check_no_overlap(callback: SparseTrainingCallback, trainer: pl.Trainer, layers: dict[str, nn.Module]) -> None:

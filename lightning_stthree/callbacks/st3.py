@@ -19,7 +19,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+import lightning_stthree.callbacks.notices as notices
 from lightning_stthree.callbacks.base import SparseTrainingCallback
+from lightning_stthree.callbacks.settings import schedule_setting, tracker_setting
 from lightning_stthree.core.checks import check_bool, check_choice, check_int
 from lightning_stthree.core.distributed import local_tensor
 from lightning_stthree.core.kernels import check_compiles
@@ -35,31 +37,9 @@ from lightning_stthree.methods.st3 import (
 )
 
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
-
-
-def _schedule_setting(name: str, doc: str) -> property:
-    """A callback attribute that is a setting of its :class:`SparsitySchedule` (assigning validates and rebuilds it)."""
-
-    def get(callback: ST3PruningCallback) -> Any:
-        return getattr(callback.schedule, name)
-
-    def set_(callback: ST3PruningCallback, value: Any) -> None:
-        with callback._as_misconfiguration():
-            callback.schedule = callback.schedule.replace(**{name: value})
-
-    return property(get, set_, doc=doc)
-
-
-def _tracker_setting(name: str, doc: str) -> property:
-    """A callback attribute kept by its :class:`ThresholdTracker` (assigning validates it)."""
-
-    def get(callback: ST3PruningCallback) -> Any:
-        return getattr(callback.tracker, name)
-
-    def set_(callback: ST3PruningCallback, value: Any) -> None:
-        callback.tracker.set(name, value)
-
-    return property(get, set_, doc=doc)
+#: ``min_density_ratio``'s default: a floor that only holds a layer the global threshold would all but empty (one
+#: whose density would fall below a twentieth of the model's).
+DEFAULT_MIN_DENSITY_RATIO = 0.05
 
 
 class ST3PruningCallback(SparseTrainingCallback):
@@ -145,6 +125,22 @@ class ST3PruningCallback(SparseTrainingCallback):
             CPU (Triton on a GPU; checked at setup) and compiles a few seconds the first time each kind of layer is
             met (cached on disk by Inductor). The threshold is bitwise the same; the effective weights are the same
             up to float rounding. Applies to the straight-through gradient (``straight_through=True``, ST-3's).
+        min_density_ratio: A floor on every layer's density, relative to the model's, applied inside the exact
+            selection (:func:`~lightning_stthree.core.threshold.floored_global_threshold`): at scheduled sparsity
+            ``s``, a layer the global threshold would take below ``min_density_ratio * (1 - s)`` of its weights keeps
+            its largest ``ceil(min_density_ratio * (1 - s) * n)``, and the global threshold is taken over the other
+            layers so that the total sparsity is still exactly the schedule's. The default, 0.05, only acts on a layer
+            left 20 times sparser than the model (a head initialised at zero or with a tiny std, which a global
+            magnitude threshold takes first); ``0`` is the paper's pure global threshold, ``1`` the same sparsity in
+            every layer. Relative, so that it means the same at 80% as at 99.8%. Held layers are logged
+            (``st3/held_layers``, and one line naming them when the set grows) and listed under the report.
+        check_received: At the end of ``fit``, run the example input once (``example_input_array`` or
+            ``input_shape``) and warn about pruned layers whose matrix products or convolutions receive fewer zeros
+            than their weights hold (a layer type whose forward transforms the weight;
+            :func:`~lightning_stthree.sparsity_report` ``check_received=True`` gives the figures). ``False`` skips
+            that forward pass.
+        prune_tied: Prune a tensor other modules hold too (an ``lm_head`` tied to the token embedding) for all of
+            them: they read the layer's effective weight. Default: such layers are left dense (said once).
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -185,13 +181,18 @@ class ST3PruningCallback(SparseTrainingCallback):
         on_nonfinite: Literal["raise", "warn"] = "raise",
         compile_kernels: bool = False,
         layer_types: dict[str, dict[str, Any]] | None = None,
+        min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
+        check_received: bool = True,
+        prune_tied: bool = False,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
-        self.tracker = ThresholdTracker(criterion, budget, compile_kernels)
+        self.tracker = ThresholdTracker(criterion, budget, compile_kernels, min_density_ratio)
         super().__init__(
             include_types=include_types,
             exclude=exclude,
             layer_types=layer_types,
+            check_received=check_received,
+            prune_tied=prune_tied,
             log_layer_sparsity=log_layer_sparsity,
             make_permanent_at_end=make_permanent_at_end,
             input_shape=input_shape,
@@ -209,22 +210,24 @@ class ST3PruningCallback(SparseTrainingCallback):
         # The raw weights' in-place version counters at the last update: another callback may replace the weights
         # without an optimizer step (StochasticWeightAveraging copies its averaged weights in).
         self._versions: list[int] = []
+        self._announced_held: set[str] = set()  # layers said to be held at the density floor, in this run
 
     # ------------------------------------------------------------------ the settings and the state, by their names
 
     # The settings live in the schedule and the tracker, the run state in the tracker: the callback shows them under
     # their argument names, and assigning one goes through the same checks as the constructor.
-    target_sparsity = _schedule_setting("target_sparsity", "The schedule's final sparsity.")
-    start = _schedule_setting("start", "Where the ramp starts (int step or float fraction of the run).")
-    end = _schedule_setting("end", "Where the ramp reaches the target (int step or float fraction).")
-    power = _schedule_setting("power", "The ramp's exponent.")
-    freeze_at = _schedule_setting("freeze_at", "Where the fine-tune phase starts (int or float), or None.")
-    criterion = _tracker_setting("criterion", "``'l1'`` (ST-3) or ``'l1_std'`` (ST-3 sigma).")
-    budget = _tracker_setting("budget", "``'params'`` or ``'flops'``.")
-    compile_kernels = _tracker_setting("compile_kernels", "Whether the effective weights and the selection are fused.")
-    threshold = _tracker_setting("threshold", "The global threshold of the last update, in score units.")
-    sparsity = _tracker_setting("sparsity", "The scheduled sparsity at the last threshold update.")
-    last_update_step = _tracker_setting("step", "The optimizer step of the last threshold update (-1 before any).")
+    target_sparsity = schedule_setting("target_sparsity", "The schedule's final sparsity.")
+    start = schedule_setting("start", "Where the ramp starts (int step or float fraction of the run).")
+    end = schedule_setting("end", "Where the ramp reaches the target (int step or float fraction).")
+    power = schedule_setting("power", "The ramp's exponent.")
+    freeze_at = schedule_setting("freeze_at", "Where the fine-tune phase starts (int or float), or None.")
+    criterion = tracker_setting("criterion", "``'l1'`` (ST-3) or ``'l1_std'`` (ST-3 sigma).")
+    budget = tracker_setting("budget", "``'params'`` or ``'flops'``.")
+    compile_kernels = tracker_setting("compile_kernels", "Whether the effective weights and the selection are fused.")
+    min_density_ratio = tracker_setting("min_density_ratio", "Each layer's density floor, relative to the model's.")
+    threshold = tracker_setting("threshold", "The global threshold of the last update, in score units.")
+    sparsity = tracker_setting("sparsity", "The scheduled sparsity at the last threshold update.")
+    last_update_step = tracker_setting("step", "The optimizer step of the last threshold update (-1 before any).")
 
     @property
     @override
@@ -265,6 +268,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._warned_nonfinite = False
+        self._announced_held = set()
         # The thresholds in place (zero, or restored from a checkpoint) go with the weights as they are now.
         self._versions = self._raw_versions()
         with self._as_misconfiguration():
@@ -347,34 +351,43 @@ class ST3PruningCallback(SparseTrainingCallback):
         except NonFiniteWeightsError as error:
             self._on_nonfinite_weights(step, weights, error.counts)
             return
-        per_layer = layer_thresholds(threshold, [w.shape for w in weights], self.criterion)
+        per_layer = layer_thresholds(threshold, [w.shape for w in weights], self.criterion, self.tracker.held)
         for module, layer_threshold in zip(self._layers.values(), per_layer, strict=True):
             find_st3_parametrization(module).threshold.copy_(layer_threshold)
         self._versions = self._raw_versions()
+        self._announce_held(step)
+
+    @property
+    def held_layers(self) -> list[str]:
+        """The layers the last threshold update held at the floor (``min_density_ratio``; they keep their largest
+        weights)."""
+        names = list(self._layers)
+        return [names[i] for i in sorted(self.tracker.held)]
+
+    def _announce_held(self, step: int) -> None:
+        """Say once per run which layers the floor holds, as the set grows."""
+        new = [name for name in self.held_layers if name not in self._announced_held]
+        if new:
+            self._announced_held.update(new)
+            rank_zero_info(notices.newly_held(step, self.sparsity, new, self.min_density_ratio))
+
+    @override
+    def _report_notes(self) -> list[str]:
+        return super()._report_notes() + notices.held_note(self.held_layers, self.sparsity, self.min_density_ratio)
 
     def _on_nonfinite_weights(self, step: int, weights: list[torch.Tensor], counts: dict[int, tuple[int, int]]) -> None:
         """Raise, or warn once and keep the last threshold, as ``on_nonfinite`` says."""
-        names = list(self._layers)
-        where = ", ".join(
-            f"`{names[i]}` ({nans} NaN and {infs} Inf of {weights[i].numel()})" for i, (nans, infs) in counts.items()
-        )
-        message = (
-            f"ST3PruningCallback: at optimizer step {step}, the raw weights of {where} are not finite, so no "
-            "meaningful global threshold exists (training has diverged)."
-        )
-        hint = (
-            " HINT: clip gradients (`Trainer(gradient_clip_val=1.0)`) or lower the learning rate; "
-            "`Trainer(detect_anomaly=True)` finds the operation that produced the first NaN."
-        )
+        message = notices.nonfinite_weights(step, list(self._layers), weights, counts)
         if self.on_nonfinite == "raise":
             raise FloatingPointError(
-                message + hint + " Pass `on_nonfinite='warn'` to keep the last threshold instead of stopping."
+                message + notices.NONFINITE_HINT + " Pass `on_nonfinite='warn'` to keep the last threshold instead "
+                "of stopping."
             )
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(
                 message + f" The threshold stays at {self.threshold:.6g} and updates are skipped while any weight is "
-                "not finite (`on_nonfinite='warn'`; warned once per run)." + hint
+                "not finite (`on_nonfinite='warn'`; warned once per run)." + notices.NONFINITE_HINT
             )
 
     def _update_if_weights_replaced(self, step: int) -> None:
@@ -424,7 +437,8 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     @override
     def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        return {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}, {}
+        model_wide = {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}
+        return {**model_wide, "held_layers": float(len(self.tracker.held))}, {}
 
     @staticmethod
     @contextlib.contextmanager

@@ -53,6 +53,8 @@ class STRPruningCallback(SparseTrainingCallback):
         input_shape: See :class:`ST3PruningCallback`.
         report: See :class:`ST3PruningCallback`.
         save_plots: Save ``str_sparsity.png`` and ``str_layers.png``; see :class:`ST3PruningCallback`.
+        check_received: See :class:`ST3PruningCallback`.
+        prune_tied: See :class:`ST3PruningCallback`.
 
     Raises:
         ValueError: If ``s_init`` is not a finite number, or another argument is out of range.
@@ -78,6 +80,8 @@ class STRPruningCallback(SparseTrainingCallback):
         report: bool = True,
         save_plots: bool = False,
         layer_types: dict[str, dict[str, Any]] | None = None,
+        check_received: bool = True,
+        prune_tied: bool = False,
     ) -> None:
         rule = "a finite number (the initial threshold is sigmoid(s_init))"
         if isinstance(s_init, bool) or not isinstance(s_init, (int, float)):
@@ -88,6 +92,8 @@ class STRPruningCallback(SparseTrainingCallback):
             include_types=include_types,
             exclude=exclude,
             layer_types=layer_types,
+            check_received=check_received,
+            prune_tied=prune_tied,
             log_layer_sparsity=log_layer_sparsity,
             make_permanent_at_end=make_permanent_at_end,
             input_shape=input_shape,

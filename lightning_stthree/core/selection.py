@@ -246,8 +246,11 @@ def _select_near_pivot(
     window: float,
     compile_kernels: bool,
     check_finite: bool,
-) -> Tensor | None:
-    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a selection of candidates).
+    counted: bool = False,
+) -> tuple[Tensor, list[int] | None] | None:
+    """The answer if it lies within ``window`` (relative) of ``pivot`` (one pass, then a selection of candidates),
+    with, if ``counted``, each tensor's number of scores ``<= answer`` (from the same pass: its count below the
+    window plus its candidates up to the answer).
 
     With ``check_finite``, raise :class:`NonFiniteScoresError` first if a tensor's scores do not sum to a finite
     number (from the fused pass's own sums, or from a sum per tensor).
@@ -266,18 +269,26 @@ def _select_near_pivot(
     if all(share == 1.0 for share in shares):
         # Counting weights: the answer is the k-th smallest candidate (a selection, several times faster than a sort).
         rank = math.ceil(goal - below_goal)
-        return torch.kthvalue(candidates, rank).values if rank <= candidates.numel() else None
-    values, order = torch.sort(candidates, stable=True)
-    if values.numel() == 0:
-        return None
-    candidate_shares = torch.repeat_interleave(
-        torch.tensor(list(shares), dtype=torch.float64, device=device), torch.tensor(counts, device=device)
-    )
-    cumulative = below_goal + candidate_shares[order].cumsum(0)
-    index = _first_reaching(cumulative, goal)
-    if index >= values.numel():
-        return None  # the answer is above the window
-    return values[index]
+        if rank > candidates.numel():
+            return None
+        answer = torch.kthvalue(candidates, rank).values
+    else:
+        values, order = torch.sort(candidates, stable=True)
+        if values.numel() == 0:
+            return None
+        candidate_shares = torch.repeat_interleave(
+            torch.tensor(list(shares), dtype=torch.float64, device=device), torch.tensor(counts, device=device)
+        )
+        cumulative = below_goal + candidate_shares[order].cumsum(0)
+        index = _first_reaching(cumulative, goal)
+        if index >= values.numel():
+            return None  # the answer is above the window
+        answer = values[index]
+    if not counted:
+        return answer, None
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    inside = torch.bincount(owner[candidates <= answer], minlength=len(counts)).tolist()
+    return answer, [b + i for b, i in zip(below, inside, strict=True)]
 
 
 def _check_finite(parts: LocalParts, sums: Tensor | None = None) -> None:
@@ -362,15 +373,72 @@ def select_threshold(
     Raises:
         NonFiniteScoresError: With ``check_finite``, if the scores of some tensor do not sum to a finite number.
     """
+    return _select(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite, counted=False)[0]
+
+
+@torch.no_grad()
+def select_threshold_counted(
+    weights: Sequence[Tensor],
+    factors: Sequence[float],
+    shares: Sequence[float],
+    goal: float,
+    pivot: float | None = None,
+    window: float = PIVOT_WINDOW,
+    compile_kernels: bool = False,
+    check_finite: bool = False,
+) -> tuple[Tensor, list[int]]:
+    """:func:`select_threshold` (same arguments, bitwise the same threshold), with each tensor's number of scores
+    ``<= threshold``: the weights the threshold prunes, per tensor (summed over the ranks when sharded).
+
+    Near ``pivot`` the counts come from the selection's own pass; after a radix selection (or for ``goal <= 0``)
+    they cost one more counting pass.
+
+    Example::
+
+        >>> select_threshold_counted([torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.2, 0.5])], [1.0, 1.0],
+        ...                          [1.0, 1.0], goal=3.0)
+        (tensor(0.3000), [1, 2])
+    """
+    threshold, counts = _select(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite, True)
+    assert counts is not None
+    return threshold, counts
+
+
+def _select(
+    weights: Sequence[Tensor],
+    factors: Sequence[float],
+    shares: Sequence[float],
+    goal: float,
+    pivot: float | None,
+    window: float,
+    compile_kernels: bool,
+    check_finite: bool,
+    counted: bool,
+) -> tuple[Tensor, list[int] | None]:
     parts = local_parts(weights)
     tensors = parts.tensors
     near = goal > 0 and parts.reduce is None and pivot is not None and math.isfinite(pivot) and pivot > 0
     if check_finite and not near:
         _check_finite(parts)
-    if goal <= 0:
-        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
     if near:
-        answer = _select_near_pivot(parts, factors, shares, goal, pivot, window, compile_kernels, check_finite)
-        if answer is not None:
-            return answer
-    return _radix_select(tensors, factors, shares, goal, parts.reduce)
+        found = _select_near_pivot(parts, factors, shares, goal, pivot, window, compile_kernels, check_finite, counted)
+        if found is not None:
+            return found
+    if goal <= 0:
+        answer = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    else:
+        answer = _radix_select(tensors, factors, shares, goal, parts.reduce)
+    return answer, _counts_at_most(parts, factors, answer) if counted else None
+
+
+def _counts_at_most(parts: LocalParts, factors: Sequence[float], threshold: Tensor) -> list[int]:
+    """Per tensor, the number of scores ``<= threshold`` (one counting pass, chunk by chunk, summed over ranks)."""
+    buffer = _score_buffer(parts.tensors)
+
+    def count(index: int, part: Tensor) -> Tensor:
+        total = torch.zeros((), dtype=torch.int64, device=threshold.device)
+        for scores in score_chunks(part, factors[index], buffer):
+            total += torch.count_nonzero(scores <= threshold)
+        return total
+
+    return parts.count(count)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
 from lightning_stthree.core.selection import PIVOT_WINDOW, NonFiniteScoresError, nonfinite_counts, pivot_window
-from lightning_stthree.core.threshold import CRITERIA, Criterion, global_threshold, weighted_global_threshold
+from lightning_stthree.core.threshold import CRITERIA, Criterion, FlooredThresholds, floored_global_threshold
 
 Budget = Literal["params", "flops"]
 BUDGETS: tuple[str, ...] = ("params", "flops")
@@ -41,6 +41,7 @@ _CHECKS: dict[str, Any] = {
     "criterion": lambda value: check_choice("criterion", value, CRITERIA),
     "budget": lambda value: check_choice("budget", value, BUDGETS),
     "compile_kernels": lambda value: check_bool("compile_kernels", value),
+    "min_density_ratio": lambda value: check_number("min_density_ratio", value, 0.0, 1.0),
     "threshold": lambda value: check_number("threshold", value, 0.0),
     "sparsity": lambda value: check_number("sparsity", value, 0.0, 1.0),
     "step": lambda value: check_int("last_update_step", value, minimum=-1),
@@ -56,9 +57,15 @@ class ThresholdTracker:
         budget: ``"params"``: ``sparsity`` is a fraction of the weights; ``"flops"``: a fraction of the total
             ``shares`` given to :meth:`update` (each layer's MACs per weight).
         compile_kernels: Count near the last threshold with fused kernels (same result).
+        min_density_ratio: Floor on every layer's kept fraction, relative to the model's: at sparsity ``s`` each layer
+            keeps at least ``min_density_ratio * (1 - s)`` of its weights
+            (:func:`~lightning_stthree.core.threshold.floored_global_threshold`), in ``[0, 1]``; 0: the pure global
+            threshold; 1: the same sparsity in every layer.
 
     Attributes:
         threshold: The global threshold of the last update, in score units (0 before any: nothing pruned).
+        held: The layers the last update held at the floor, ``{index in the weights given: own threshold in score
+            units}`` (not saved: each update derives it from the weights).
         sparsity: The sparsity it was selected for.
         step: The optimizer step of the last update (``-1`` before any).
         last_relative_move: How far the threshold moved at the last update, relative to the one before (sets the
@@ -73,18 +80,26 @@ class ThresholdTracker:
         {'sparsity': 0.5, 'threshold': 0.20000000298023224, 'last_update_step': 0}
     """
 
-    def __init__(self, criterion: Criterion = "l1", budget: Budget = "params", compile_kernels: bool = False) -> None:
+    def __init__(
+        self,
+        criterion: Criterion = "l1",
+        budget: Budget = "params",
+        compile_kernels: bool = False,
+        min_density_ratio: float = 0.0,
+    ) -> None:
         self.criterion: Criterion = _CHECKS["criterion"](criterion)
         self.budget: Budget = _CHECKS["budget"](budget)
         self.compile_kernels: bool = _CHECKS["compile_kernels"](compile_kernels)
+        self.min_density_ratio: float = _CHECKS["min_density_ratio"](min_density_ratio)
         self.threshold = 0.0
+        self.held: dict[int, Tensor] = {}
         self.sparsity = 0.0
         self.step = -1
         self.last_relative_move = PIVOT_WINDOW
 
     def set(self, name: str, value: Any) -> None:
-        """Assign a setting (``criterion``, ``budget``, ``compile_kernels``) or a state value (``threshold``,
-        ``sparsity``, ``step``) with the constructor's checks.
+        """Assign a setting (``criterion``, ``budget``, ``compile_kernels``, ``min_density_ratio``) or a state value
+        (``threshold``, ``sparsity``, ``step``) with the constructor's checks.
 
         Raises:
             TypeError: If ``value`` has the wrong type.
@@ -120,15 +135,17 @@ class ThresholdTracker:
             raise ValueError(f"`shares` must be given exactly when budget='flops', got budget={self.budget!r}")
         pivot = self.threshold if self.threshold > 0 else None
         try:
-            threshold = self._select(weights, sparsity, shares, pivot, check_finite=True)
+            selected = self._select(weights, sparsity, shares, pivot, check_finite=True)
         except NonFiniteScoresError:
             counts = nonfinite_counts(weights)
             if counts:
                 raise NonFiniteWeightsError(counts) from None
-            threshold = self._select(weights, sparsity, shares, pivot, check_finite=False)  # a float sum overflowed
+            selected = self._select(weights, sparsity, shares, pivot, check_finite=False)  # a float sum overflowed
+        threshold = selected.threshold
         if pivot is not None:
             self.last_relative_move = abs(float(threshold) - pivot) / pivot
         self.threshold = float(threshold)
+        self.held = selected.held
         self.sparsity = float(sparsity)
         self.step = step
         return threshold
@@ -140,13 +157,20 @@ class ThresholdTracker:
         shares: Sequence[float] | None,
         pivot: float | None,
         check_finite: bool,
-    ) -> Tensor:
-        window = pivot_window(self.last_relative_move)
-        if shares is not None:
-            return weighted_global_threshold(
-                weights, shares, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite
-            )
-        return global_threshold(weights, sparsity, self.criterion, pivot, window, self.compile_kernels, check_finite)
+    ) -> FlooredThresholds:
+        held_pivots = {i: float(t) for i, t in self.held.items()} if len(self.held) else None
+        return floored_global_threshold(
+            weights,
+            sparsity,
+            self.min_density_ratio * (1.0 - sparsity),
+            self.criterion,
+            shares,
+            pivot,
+            pivot_window(self.last_relative_move),
+            self.compile_kernels,
+            check_finite,
+            held_pivots,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The state a checkpoint keeps (plain Python numbers; the keys of lightning-stthree 0.1's callback state)."""

@@ -181,7 +181,12 @@ def _close_parametrization_cache(module: nn.Module, args: Any, output: Any) -> N
 
 
 # Every hook `register_sparse_parametrization` installs, which `remove_sparse_parametrization` removes again.
-_HOOKS = (_save_effective_weight, _load_raw_or_effective, _open_parametrization_cache, _close_parametrization_cache)
+_HOOKS = (
+    _save_effective_weight,
+    _load_raw_or_effective,
+    _open_parametrization_cache,
+    _close_parametrization_cache,
+)
 
 ParametrizationT = TypeVar("ParametrizationT", bound=SparseParametrization)
 
@@ -226,6 +231,98 @@ def register_sparse_parametrization(module: nn.Module, parametrization: Parametr
     return parametrization
 
 
+class TiedView(nn.Module):
+    """On another holder of a pruned layer's tensor (tied weights: a token embedding tied to the ``lm_head``), the
+    layer's effective weight: one parameter, one matrix for every user of it.
+
+    The layer's parametrization is referenced, not held as a submodule, so its state (threshold, mask) is saved
+    once, with the layer; :func:`remove_sparse_parametrization` of the layer unties the holders first.
+    """
+
+    def __init__(self, source: SparseParametrization) -> None:
+        super().__init__()
+        self.__dict__["source"] = source
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """The source layer's effective weight for the shared raw ``weight``."""
+        return self.__dict__["source"](weight)
+
+
+def _tied_names(module: nn.Module) -> list[str]:
+    """The tensors of ``module`` that read another layer's effective weight (:class:`TiedView`)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [n for n, chain in module.parametrizations.items() if any(isinstance(p, TiedView) for p in chain)]
+
+
+def _save_tied_effective(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` post-hook of a tied holder: its effective tensor also under the plain key (as a pruned layer's,
+    :func:`_save_effective_weight`)."""
+    with torch.no_grad():
+        for name in _tied_names(module):
+            state_dict[prefix + name] = getattr(module, name).detach()
+
+
+def _load_tied_raw_or_effective(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of a tied holder: a parametrized state dict's derived plain key is dropped; a plain
+    one's becomes the raw tensor (which the pruned layer's entry loads too: they are one parameter)."""
+    for name in _tied_names(module):
+        if prefix + _raw_key(name) in state_dict:
+            state_dict.pop(prefix + name, None)
+        elif prefix + name in state_dict:
+            state_dict[prefix + _raw_key(name)] = state_dict.pop(prefix + name)
+
+
+_TIED_HOOKS = (_save_tied_effective, _load_tied_raw_or_effective)
+
+
+def reads_tied_weight(module: nn.Module) -> bool:
+    """Whether ``module``'s pruned tensor is another layer's effective weight (:func:`tie_sparse_parametrization`)."""
+    return pruned_tensor_name(module) in _tied_names(module)
+
+
+def tensor_holders(model: nn.Module, tensor: Tensor, layer: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """The other modules of ``model`` holding ``tensor`` as a plain parameter: ``(module name, module, attribute)``
+    (``layer``, where its parametrization keeps ``tensor``, and holders already tied are not listed)."""
+    own = {id(layer), *(id(chain) for chain in getattr(layer, "parametrizations", {}).values())}
+    return [
+        (name, module, attribute)
+        for name, module in model.named_modules()
+        if id(module) not in own and not isinstance(module, parametrize.ParametrizationList)
+        for attribute, parameter in module._parameters.items()
+        if parameter is tensor
+    ]
+
+
+def tie_sparse_parametrization(module: nn.Module, holders: list[tuple[nn.Module, str]]) -> None:
+    """Make every ``(holder, name)``, which holds ``module``'s pruned tensor as ``holder.<name>`` (the same
+    Parameter), read ``module``'s effective weight (:class:`TiedView`), with state-dict hooks like a pruned layer's.
+
+    Raises:
+        ValueError: If ``module`` carries no sparse parametrization, or a holder does not hold its raw tensor.
+    """
+    source = find_sparse_parametrization(module)
+    if source is None:
+        raise ValueError("the layer has no sparse parametrization to share")
+    raw = raw_weight(module)
+    for holder, name in holders:
+        if holder._parameters.get(name) is not raw:
+            raise ValueError(f"`{name}` of the {type(holder).__name__} is not the layer's pruned tensor")
+        parametrize.register_parametrization(holder, name, TiedView(source), unsafe=True)
+        holder.register_state_dict_post_hook(_save_tied_effective)
+        holder.register_load_state_dict_pre_hook(_load_tied_raw_or_effective)
+    source.__dict__.setdefault("tied", []).extend(holders)
+
+
+def _untie(parametrization: SparseParametrization) -> None:
+    """Give each holder of :func:`tie_sparse_parametrization` its plain tensor back (the shared Parameter)."""
+    for holder, name in parametrization.__dict__.pop("tied", []):
+        if parametrize.is_parametrized(holder, name):
+            _own_class(holder)
+            parametrize.remove_parametrizations(holder, name, leave_parametrized=False)
+        _drop_hooks(holder)
+
+
 def remove_sparse_parametrization(module: nn.Module) -> None:
     """Bake the effective weight into a plain ``weight`` Parameter and restore the layer's original class.
 
@@ -245,19 +342,32 @@ def remove_sparse_parametrization(module: nn.Module) -> None:
             "`ModelParallelStrategy(save_distributed_checkpoint=False)`) and load it into an unsharded model with "
             "`load_sparse_weights`, or call `make_permanent` on such a model"
         )
-    # `copy.deepcopy` of a parametrized module shares torch's generated `Parametrized<Layer>` class with the
-    # original, and removing a parametrization deletes its property from that class, which would break the other
-    # copy (`make_permanent(copy.deepcopy(model))` would leave `model` without `weight`): give this module its own.
+    _untie(find_sparse_parametrization(module))  # before the raw tensor they share becomes the effective one
+    _own_class(module)
+    parametrize.remove_parametrizations(module, pruned_tensor_name(module), leave_parametrized=True)
+    _drop_hooks(module)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a parametrized class of its own before a parametrization is removed.
+
+    `copy.deepcopy` of a parametrized module shares torch's generated `Parametrized<Layer>` class with the original,
+    and removing a parametrization deletes its property from that class, which would break the other copy
+    (`make_permanent(copy.deepcopy(model))` would leave `model` without `weight`).
+    """
     cls = type(module)
     module.__class__ = type(cls.__name__, cls.__bases__, {k: v for k, v in vars(cls).items() if k != "__weakref__"})
-    parametrize.remove_parametrizations(module, pruned_tensor_name(module), leave_parametrized=True)
-    # torch keeps hooks in these dicts by handle id; drop ours (a load pre-hook is wrapped in `_WrappedHook`).
+
+
+def _drop_hooks(module: nn.Module) -> None:
+    """Remove this module's hooks (torch keeps them in dicts by handle id; a load pre-hook is wrapped in
+    `_WrappedHook`)."""
     for hooks in (
         module._state_dict_hooks,
         module._load_state_dict_pre_hooks,
         module._forward_pre_hooks,
         module._forward_hooks,
     ):
-        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in _HOOKS]:
+        for key in [k for k, h in hooks.items() if getattr(h, "hook", h) in (*_HOOKS, *_TIED_HOOKS)]:
             del hooks[key]
             module._forward_hooks_always_called.pop(key, None)

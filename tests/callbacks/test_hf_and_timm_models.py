@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import quiet_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stthree import ST3PruningCallback, sparsity_report
@@ -87,6 +88,55 @@ def test_gpt2_conv1d_layers_reach_the_target_in_what_the_ops_receive_and_the_tie
     assert "model.lm_head" not in callback.layers
     row = next(r for r in sparsity_report(module) if r["name"] == "model.lm_head")
     assert row["pruned"] is False
+
+
+class _EmbeddingTables(TorchDispatchMode):
+    """Records the table of every embedding lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.embedding.default:
+            self.tables.append(args[0].detach().clone())
+        return func(*args, **(kwargs or {}))
+
+
+def test_prune_tied_prunes_the_lm_head_for_the_embedding_lookup_too_one_matrix_for_both() -> None:
+    from lightning_stthree import make_permanent, sparse_state_dict
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=TOKENS)
+    torch.manual_seed(0)
+    module = CausalLM(transformers.GPT2LMHeadModel(config))
+    callback = ST3PruningCallback(0.8, start=0, end=4, report=False, prune_tied=True)
+    quiet_trainer(max_steps=6, callbacks=[callback]).fit(module, _token_loader(6))
+    gpt2 = module.model
+    assert "model.lm_head" in callback.layers
+    assert callback._tied == {"model.lm_head": ["model.transformer.wte"]}
+    effective = gpt2.lm_head.weight.detach()
+    zeros = float((effective == 0).float().mean())
+    assert zeros > 0.5
+    ids = torch.arange(TOKENS).unsqueeze(0)
+    module.eval()  # no dropout: the outputs are compared below
+    with torch.no_grad(), _EmbeddingTables() as recorded:
+        logits = module(ids)
+    wte = [t for t in recorded.tables if t.shape == effective.shape]
+    assert len(wte) == 1
+    assert torch.equal(wte[0], effective)  # the lookup reads the pruned matrix
+    received = received_sparsity(module, {"input_ids": ids}, {"model.lm_head": gpt2.lm_head})
+    assert received["model.lm_head"] == pytest.approx(zeros)  # and so does the output projection
+    # A plain GPT-2 (tied) loads the sparse weights and computes the same; make_permanent keeps one parameter.
+    plain = transformers.GPT2LMHeadModel(config).eval()
+    plain.load_state_dict(sparse_state_dict(module.state_dict(), "model."))
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    torch.testing.assert_close(plain(input_ids=ids).logits, logits)
+    module.load_state_dict(module.state_dict())  # the tied holder's hooks take its own state dict back
+    make_permanent(module)
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    assert torch.equal(gpt2.lm_head.weight, effective)
+    assert type(gpt2.transformer.wte) is torch.nn.Embedding
+    torch.testing.assert_close(module(ids), logits)
 
 
 def test_conv1d_is_rescaled_per_output_channel_like_the_linear_it_transposes() -> None:
@@ -290,3 +340,40 @@ def test_a_contradicting_registration_of_a_built_in_type_and_an_impossible_out_d
     model.model.append(torch.nn.Bilinear(10, 10, 10))
     with pytest.raises(MisconfigurationException, match=r"`model.2` \(Bilinear\) is registered with out_dim=5"):
         quiet_trainer(max_steps=1, callbacks=[callback]).fit(model, _images(1))
+
+
+def _weight_operands(model: ImageModule) -> dict[str, float | None]:
+    """Per pruned-or-not layer, the fraction of zeros in the weight its operation receives."""
+    from lightning_stthree import find_prunable_layers
+
+    return received_sparsity(model, model.example_input_array, find_prunable_layers(model))
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "resnetv2_50x1_bit"])
+def test_by_default_no_layer_collapses_and_without_the_floor_the_small_initialised_head_does(name: str) -> None:
+    # Both heads are initialised with std 0.01, the rest with fan-in scaling: the pure global threshold takes every
+    # head weight first. resnetv2's StdConv2d is registered here only to reach its head (its forward standardises its
+    # weight, which the end-of-fit check reports).
+    import warnings
+
+    layer_types = {"timm.layers.StdConv2d": {}} if "resnetv2" in name else None
+    results = {}
+    for floor in (None, 0.0):
+        torch.manual_seed(0)
+        model = ImageModule(timm.create_model(name, num_classes=10, pretrained=False))
+        extra = {} if floor is None else {"min_density_ratio": floor}
+        callback = ST3PruningCallback(0.8, start=0, end=1, report=False, layer_types=layer_types, **extra)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(receive fewer zeros|every weight of)")
+            quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, _images(2))
+        received = _weight_operands(model)
+        results[floor] = (received, callback.held_layers, callback.measure_sparsity()[0])
+    received, held, total = results[None]
+    assert held == ["model.head.fc"]
+    assert max(received.values()) < 1.0, "some operation receives an all-zero weight by default"
+    assert received["model.head.fc"] == pytest.approx(1.0 - 0.05 * 0.2, abs=0.002)  # held at the floor
+    assert total == pytest.approx(0.8, abs=1e-4)  # the others pruned a little more: the total is the schedule's
+    received, held, total = results[0.0]
+    assert held == []
+    assert received["model.head.fc"] == 1.0
+    assert total == pytest.approx(0.8, abs=1e-4)

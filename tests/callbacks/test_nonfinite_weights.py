@@ -83,14 +83,14 @@ def test_finite_weights_whose_sums_overflow_still_get_a_threshold(monkeypatch: p
         global_threshold([huge], 0.25, pivot=1.0, compile_kernels=True, check_finite=True)
     assert nonfinite_counts([huge]) == {}  # the exact count clears it
     # The tracker (and so the callback) then selects without the check, as if the sums had been finite.
-    original = tracking.global_threshold
+    original = tracking.floored_global_threshold
 
-    def overflowing(*args: Any) -> torch.Tensor:
-        if args[-1]:
+    def overflowing(*args: Any) -> Any:
+        if args[8]:  # check_finite
             raise NonFiniteScoresError([0])
         return original(*args)
 
-    monkeypatch.setattr(tracking, "global_threshold", overflowing)
+    monkeypatch.setattr(tracking, "floored_global_threshold", overflowing)
     callback = ST3PruningCallback(0.8, start=0, end=8, report=False)
     quiet_trainer(max_steps=10, callbacks=[callback]).fit(TinyNet(), random_loader(10))
     assert callback.last_update_step == 10

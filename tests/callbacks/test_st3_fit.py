@@ -1,4 +1,5 @@
 import copy
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -279,11 +280,35 @@ def test_a_layer_that_loses_every_weight_is_reported_once() -> None:
     with torch.no_grad():
         model.fc.weight.mul_(1e-6)  # every fc weight is smaller than every conv weight
     fc_share = model.fc.weight.numel() / (model.fc.weight.numel() + model.conv.weight.numel())
-    cb = ST3PruningCallback(min(fc_share + 0.01, 0.99), start=0, end=0, report=False)
+    cb = ST3PruningCallback(min(fc_share + 0.01, 0.99), start=0, end=0, report=False, min_density_ratio=0.0)
     with pytest.warns(UserWarning, match=r"at step 0, every weight of \['fc'\] is pruned") as record:
         quiet_trainer(max_steps=4, callbacks=[cb]).fit(model, random_loader(4))
     assert sum("every weight of" in str(w.message) for w in record) == 1
     assert cb.measure_sparsity()[1]["fc"] == 1.0
+
+
+def test_by_default_the_density_floor_holds_the_layer_the_global_threshold_would_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = TinyNet(lr=0.0)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e-6)  # the case above: the pure global threshold takes every fc weight first
+    sizes = {"conv": model.conv.weight.numel(), "fc": model.fc.weight.numel()}
+    target = round(sizes["fc"] / sum(sizes.values()) + 0.01, 2)  # 0.94: without a floor, fc would lose every weight
+    cb = ST3PruningCallback(target, start=0, end=0)
+    with warnings.catch_warnings(), caplog.at_level("INFO"):
+        warnings.filterwarnings("error", message=".*every weight of.*")
+        quiet_trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(model, random_loader(4))
+    kept_fc = math.ceil(0.05 * (1 - target) * sizes["fc"])  # the default min_density_ratio=0.05 of the density
+    total, per_layer = cb.measure_sparsity()
+    assert per_layer["fc"] == 1 - kept_fc / sizes["fc"]
+    assert round(total * sum(sizes.values())) == round(target * sum(sizes.values()))  # still exactly the target
+    assert cb.held_layers == ["fc"]
+    assert next(m for m in caplog.messages if "min_density_ratio=0.05 of the model's density" in m).count("'fc'") == 1
+    assert sum("min_density_ratio=0.05 of the model's density" in m for m in caplog.messages) == 1  # said once
+    assert "Held at the density floor (min_density_ratio=0.05: at least 0.3000% of their" in caplog.text
+    assert read_metrics(tmp_path)[3]["st3/held_layers"] == 1.0
 
 
 def test_a_zero_initialised_layer_is_not_reported_as_emptied() -> None:
@@ -362,3 +387,17 @@ def test_a_failing_evaluation_loop_lets_the_held_weights_go() -> None:
     for parametrization in callback._parametrizations():
         assert not parametrization.reuse_outside_autograd
         assert parametrization._reused is None
+
+
+def test_the_end_of_fit_check_of_what_the_ops_receive_can_be_turned_off() -> None:
+    forwards = {}
+    for check_received in (True, False):
+        model = TinyNet()
+        calls: list[int] = []
+        model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        cb = ST3PruningCallback(0.5, start=0, end=1, report=False, check_received=check_received)
+        quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, random_loader(2))
+        forwards[check_received] = len(calls)
+    assert forwards[True] == forwards[False] + 1  # the check is one forward pass on the example input
+    with pytest.raises(TypeError, match="`check_received` must be True or False, got 'no'"):
+        ST3PruningCallback(check_received="no")  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import torch
 
 from lightning_stthree.core import selection, tracking
 from lightning_stthree.core.selection import NonFiniteScoresError
-from lightning_stthree.core.threshold import weighted_global_threshold
+from lightning_stthree.core.threshold import FlooredThresholds, weighted_global_threshold
 from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
 
 
@@ -95,16 +95,17 @@ def test_nonfinite_weights_raise_with_counts_and_leave_the_state_as_it_was() -> 
 
 
 def test_an_overflowing_sum_of_finite_weights_is_selected_without_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = tracking.global_threshold
+    original = tracking.floored_global_threshold
     calls: list[bool] = []
 
-    def overflowing(*args: object) -> torch.Tensor:
-        calls.append(bool(args[-1]))
-        if args[-1]:  # check_finite: the selection's sum said "not finite"
+    def overflowing(*args: object) -> FlooredThresholds:
+        check_finite = bool(args[8])
+        calls.append(check_finite)
+        if check_finite:  # the selection's sum said "not finite"
             raise NonFiniteScoresError([0])
         return original(*args)
 
-    monkeypatch.setattr(tracking, "global_threshold", overflowing)
+    monkeypatch.setattr(tracking, "floored_global_threshold", overflowing)
     weights = _weights()
     assert float(ThresholdTracker().update(weights, 0.5, 0)) == _numpy_threshold(weights, 0.5, "l1")
     assert calls == [True, False]
