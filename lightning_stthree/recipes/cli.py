@@ -24,6 +24,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 INSTALL_HINT = 'the stthree command needs the `cli` extra: pip install "lightning-stthree[cli]"'
 # Attributes of the shipped DataModules that the shipped ImageClassifier must agree with.
 SHAPE_ATTRIBUTES = ("num_classes", "in_channels", "image_size")
+# Attributes of the text DataModule that the shipped CausalLanguageModel must agree with.
+TEXT_ATTRIBUTES = ("vocab_size", "context")
 
 
 def summary(trainer: Trainer, log_dir: str | None) -> str:
@@ -34,7 +36,7 @@ def summary(trainer: Trainer, log_dir: str | None) -> str:
     name = " + ".join(c.method_name for c in methods) or "Dense"
     lines = [f"{name} run finished after {trainer.global_step} optimizer steps"]
     metrics = trainer.callback_metrics
-    for key in ("val_acc", "val_loss"):
+    for key in ("val_acc", "val_loss", "val_ppl", "val_bpb"):
         if key in metrics:
             lines.append(f"  {key:<22} {float(metrics[key]):.4f}")
     for cb in methods:
@@ -44,7 +46,8 @@ def summary(trainer: Trainer, log_dir: str | None) -> str:
         macs = cb.measure_macs()
         if macs:
             sparse, dense, ratio = macs["macs_sparse"] / 1e6, macs["macs_dense"] / 1e6, macs["macs_ratio"]
-            lines.append(f"  {'MACs per sample':<22} {sparse:.4f} M sparse of {dense:.4f} M dense (ratio {ratio:.4f})")
+            unit = f"MACs per {getattr(trainer.lightning_module, 'macs_unit', 'sample')}"
+            lines.append(f"  {unit:<22} {sparse:.4f} M sparse of {dense:.4f} M dense (ratio {ratio:.4f})")
     if log_dir is not None:
         lines.append(f"  {'run directory':<22} {log_dir}")
     checkpoint = trainer.checkpoint_callback
@@ -54,19 +57,24 @@ def summary(trainer: Trainer, log_dir: str | None) -> str:
 
 
 def check_model_matches_data(model: LightningModule, datamodule: LightningDataModule | None) -> None:
-    """Refuse a shipped ImageClassifier whose shape arguments disagree with a shipped DataModule's.
+    """Refuse a shipped ImageClassifier (CausalLanguageModel) whose shape (vocabulary, context) arguments disagree
+    with a shipped DataModule's.
 
     Raises:
         ValueError: Naming each mismatched argument and the command-line option that fixes it.
     """
-    from lightning_stthree.recipes.data import ImageDataModule
-    from lightning_stthree.recipes.models import ImageClassifier
+    from lightning_stthree.recipes.data import ByteTextDataModule, ImageDataModule
+    from lightning_stthree.recipes.models import CausalLanguageModel, ImageClassifier
 
-    if not isinstance(model, ImageClassifier) or not isinstance(datamodule, ImageDataModule):
+    if isinstance(model, ImageClassifier) and isinstance(datamodule, ImageDataModule):
+        names: tuple[str, ...] = SHAPE_ATTRIBUTES
+    elif isinstance(model, CausalLanguageModel) and isinstance(datamodule, ByteTextDataModule):
+        names = TEXT_ATTRIBUTES
+    else:
         return
     mismatched = [
         f"--model.init_args.{name} {getattr(datamodule, name)} (got {model.hparams[name]})"
-        for name in SHAPE_ATTRIBUTES
+        for name in names
         if model.hparams[name] != getattr(datamodule, name)
     ]
     if mismatched:

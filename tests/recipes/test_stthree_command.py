@@ -13,7 +13,7 @@ from helpers import make_tiny_idx_dataset
 
 from lightning_stthree import SparseTrainingCallback, ST3PruningCallback, STRPruningCallback
 from lightning_stthree.recipes.cli import DEFAULT_CONFIG, main
-from lightning_stthree.recipes.models import ImageClassifier
+from lightning_stthree.recipes.models import CausalLanguageModel, ImageClassifier
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
@@ -76,8 +76,14 @@ def test_shipped_configs_parse_validate_and_say_what_they_say(config: Path, caps
         "lightning_stthree.ST3PruningCallback": ST3PruningCallback,
         "lightning_stthree.STRPruningCallback": STRPruningCallback,
     }[callback["class_path"]](**callback["init_args"])
-    model = ImageClassifier(**written["model"]["init_args"])
-    assert model.hparams.num_classes == written["model"]["init_args"]["num_classes"]
+    model_class = {
+        "lightning_stthree.recipes.models.ImageClassifier": ImageClassifier,
+        "lightning_stthree.recipes.models.CausalLanguageModel": CausalLanguageModel,
+    }[written["model"]["class_path"]]
+    model = model_class(**written["model"]["init_args"])
+    for name in ("num_classes", "vocab_size", "context"):
+        if name in written["model"]["init_args"]:
+            assert model.hparams[name] == written["model"]["init_args"][name]
 
 
 def _recipe(name: str) -> dict:

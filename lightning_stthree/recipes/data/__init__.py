@@ -11,6 +11,8 @@ internet access, and a silent multi-gigabyte download in the middle of a job is 
 - :class:`CIFAR10DataModule` / :class:`CIFAR100DataModule` (``cifar``): torchvision's ``cifar-10-batches-py`` layout.
 - :class:`ImageNetDataModule` (``imagenet``): an ``ImageFolder`` tree ``<data_dir>/train/<class>/*`` and
   ``<data_dir>/val/<class>/*``.
+- :class:`ByteTextDataModule` (``text``): byte-level language modelling on the Python standard library's sources (on
+  every machine) or any folder of text files, split by file.
 
 The shared base class :class:`ImageDataModule` and the in-memory dataset are in ``base``, the batched augmentations in
 ``transforms``. Every module exposes ``num_classes``, ``in_channels`` and ``image_size`` right after ``__init__``, so
@@ -46,16 +48,19 @@ from lightning_stthree.recipes.data.mnist import (
     FashionMNISTDataModule,
     MNISTDataModule,
 )
+from lightning_stthree.recipes.data.text import BYTE_VOCAB_SIZE, END_OF_FILE, ByteTextDataModule
 from lightning_stthree.recipes.data.transforms import BatchImageTransform, random_crop, random_horizontal_flip
 
 # The underscore constants imported above are no API: they stay attributes of this package because the single module
 # it replaced defined them.
 __all__ = [
+    "BYTE_VOCAB_SIZE",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "DEBIAN_FASHION_MNIST_DIR",
+    "END_OF_FILE",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "IDX_FILES",
@@ -64,6 +69,7 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "BatchImageTransform",
+    "ByteTextDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",

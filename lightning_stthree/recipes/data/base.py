@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_stthree.core.checks import check_int
+from lightning_stthree.core.checks import check_int, check_number
 from lightning_stthree.recipes.data.transforms import BatchImageTransform
 
 _TORCHVISION_HINT = "torchvision is required for this data module: `pip install torchvision`"
@@ -55,6 +55,23 @@ class InMemoryImageDataset(Dataset):
         index = torch.as_tensor(indices, dtype=torch.int64)
         images = self.transform(self.images[index])
         return list(zip(images.unbind(0), self.labels[index].unbind(0), strict=True))
+
+
+def check_split_fractions(val_fraction: float, test_fraction: float, closed: str = "()") -> None:
+    """Check the validation and test fractions of a split: each in the interval from 0 to 1 (``closed`` says which
+    ends are allowed, as for :func:`~lightning_stthree.core.checks.check_number`), and less than 1 together.
+
+    Raises:
+        TypeError: If a fraction is not a number.
+        ValueError: If it is out of range, or the two leave nothing for training.
+    """
+    check_number("val_fraction", val_fraction, 0.0, 1.0, closed)
+    check_number("test_fraction", test_fraction, 0.0, 1.0, closed)
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(
+            "`val_fraction + test_fraction` must be < 1 to leave training samples, "
+            f"got {val_fraction} + {test_fraction}"
+        )
 
 
 def split_indices(num_samples: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:

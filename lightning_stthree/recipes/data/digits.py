@@ -10,8 +10,12 @@ import torch
 from torch.utils.data import Dataset
 from typing_extensions import override
 
-from lightning_stthree.core.checks import check_number
-from lightning_stthree.recipes.data.base import ImageDataModule, InMemoryImageDataset, split_indices
+from lightning_stthree.recipes.data.base import (
+    ImageDataModule,
+    InMemoryImageDataset,
+    check_split_fractions,
+    split_indices,
+)
 from lightning_stthree.recipes.data.transforms import BatchImageTransform
 
 _SKLEARN_HINT = "scikit-learn is required for DigitsDataModule: `pip install scikit-learn`"
@@ -54,13 +58,7 @@ class DigitsDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        check_number("val_fraction", val_fraction, 0.0, 1.0, "()")
-        check_number("test_fraction", test_fraction, 0.0, 1.0, "()")
-        if val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"`val_fraction + test_fraction` must be < 1 to leave training samples, "
-                f"got {val_fraction} + {test_fraction}"
-            )
+        check_split_fractions(val_fraction, test_fraction)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.num_classes, self.in_channels, self.image_size = 10, 1, 8

@@ -10,6 +10,9 @@ Which model is for what:
 * Any torchvision classification model name (``"resnet50"``, ``"mobilenet_v3_small"``, ``"vit_b_16"`` ...): the
   ImageNet recipes, built with ``weights=None`` (random initialisation, nothing is downloaded).
 
+:class:`CausalLanguageModel` (module ``language``) trains any Hugging Face causal-LM config (a small GPT-2 by
+default) on next-token prediction.
+
 :class:`ImageClassifier` wraps any of them with SGD, a per-step learning-rate schedule and cross-entropy; all its
 arguments are plain values so it can be configured from YAML with ``LightningCLI``. The package's modules:
 ``networks`` (the networks and :func:`build_model`), ``schedules`` (:func:`lr_factor_fn`) and ``classifier``
@@ -19,6 +22,7 @@ arguments are plain values so it can be configured from YAML with ``LightningCLI
 from __future__ import annotations
 
 from lightning_stthree.recipes.models.classifier import ImageClassifier
+from lightning_stthree.recipes.models.language import CausalLanguageModel
 from lightning_stthree.recipes.models.networks import _TORCHVISION_HINT as _TORCHVISION_HINT
 from lightning_stthree.recipes.models.networks import _TORCHVISION_KWARGS as _TORCHVISION_KWARGS
 from lightning_stthree.recipes.models.networks import (
@@ -48,6 +52,7 @@ __all__ = [
     "LR_SCHEDULES",
     "SMALL_CNN",
     "CIFARResNet",
+    "CausalLanguageModel",
     "ImageClassifier",
     "LRSchedule",
     "SmallCNN",
