@@ -108,3 +108,19 @@ def test_step_breakdown_splits_the_step_and_times_the_effective_weights() -> Non
     assert result["window"] > 0
     assert set(result["evaluation_ms"]) == {"dense", "st3_rebuilding", "st3_reusing"}
     assert all(ms > 0 for ms in result["evaluation_ms"].values())
+
+
+def test_language_model_benchmark_quick_mode_trains_every_method(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    language_model = _load("language_model")
+    result = language_model.main(["--quick", "--out", str(tmp_path), "--export-batches", "1"])
+    rows = {row["method"]: row for row in result["summary"]}
+    assert set(rows) == {"dense", "gmp", "st3", "st3_sigma"}
+    for method in ("gmp", "st3", "st3_sigma"):
+        assert rows[method]["sparsity_mean"] == pytest.approx(0.8, abs=1e-3)
+        assert set(rows[method]["densities"]) == {"attention", "mlp", "lm_head"}
+    assert all(row["ppl_mean"] > 1.0 for row in rows.values())
+    assert result["unigram_loss"] > 0
+    assert [e["batch"] for e in result["export"]] == [1]
+    assert (tmp_path / "language_model_quick.md").read_text().startswith("| target | method |")
+    assert (tmp_path / "language_model_quick.png").stat().st_size > 10_000
