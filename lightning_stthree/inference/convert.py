@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -66,10 +67,17 @@ def _not_convertible(module: nn.Module) -> str | None:
         if module.bias_k is not None or module.add_zero_attn:
             return "add_bias_kv/add_zero_attn are not supported"
         return None
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    conv1d = _hf_conv1d()
+    if isinstance(module, (nn.Linear, nn.Conv2d)) or (conv1d is not None and isinstance(module, conv1d)):
+        base = next(b for b in (nn.Linear, nn.Conv2d, conv1d) if b is not None and isinstance(module, b))
         return None if kind.forward is base.forward else f"{kind.__name__} has its own forward"
     return f"no sparse kernel for {kind.__name__}"
+
+
+def _hf_conv1d() -> type | None:
+    """Hugging Face's ``Conv1D`` (GPT-2's layers: ``y = x W + b``, ``W`` stored ``(in, out)``) if ``transformers`` is
+    imported (it holds no model of this process otherwise)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def _sparse_version(module: nn.Module) -> _CSRLayer:
@@ -77,6 +85,9 @@ def _sparse_version(module: nn.Module) -> _CSRLayer:
         return SparseMultiheadAttention.from_dense(module)
     if isinstance(module, nn.Linear):
         return SparseLinear.from_dense(module)
+    conv1d = _hf_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return SparseLinear.from_conv1d(module)
     return SparseConv2d.from_dense(module)
 
 
@@ -167,7 +178,8 @@ def to_sparse_inference(
 
     Steps: copy ``model`` (unless ``inplace``), remove the ST-3/STR parametrizations (:func:`make_permanent`), switch
     to ``eval()``, run the example input once to record each prunable layer's input, then for each ``nn.Linear``,
-    ``nn.Conv2d`` and ``nn.MultiheadAttention`` (with its ``out_proj``): build its sparse version, check that its
+    ``nn.Conv2d``, ``nn.MultiheadAttention`` (with its ``out_proj``) and Hugging Face ``Conv1D`` (as a
+    :class:`SparseLinear` of its transposed weight): build its sparse version, check that its
     output equals the dense layer's (within :data:`OUTPUT_TOLERANCE`; a mismatch raises), time both on the recorded
     input (``repeats`` interleaved calls each, medians) and keep the sparse layer if ``dense_ms / sparse_ms >=
     min_speedup``. Layers without a sparse kernel (``Conv1d``/``Conv3d``, attention with ``kdim``/``vdim`` other
@@ -264,7 +276,7 @@ def restore_sparse_inference(model: nn.Module, state_dict: Mapping[str, Any]) ->
         if any(name.startswith(prefix + ".") for prefix in attention):
             continue
         module = modules.get(name)
-        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
+        if not isinstance(module, tuple(t for t in (nn.Linear, nn.Conv2d, nn.MultiheadAttention, _hf_conv1d()) if t)):
             raise KeyError(
                 f"`state_dict` holds a sparse layer `{name}`, but the model has "
                 f"{'no such module' if module is None else type(module).__name__ + ' there'}; build the same "

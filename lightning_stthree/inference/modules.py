@@ -101,6 +101,13 @@ class SparseLinear(_CSRLayer):
         """The sparse version of ``layer`` (its zeros are not stored)."""
         return cls(layer.in_features, layer.out_features, dense_to_csr(layer.weight), layer.bias)
 
+    @classmethod
+    def from_conv1d(cls, layer: nn.Module) -> SparseLinear:
+        """The sparse version of a Hugging Face ``Conv1D`` (``y = x W + b`` with ``W`` stored ``(in, out)``): a linear
+        layer of ``W^T``."""
+        weight = layer.weight.detach()
+        return cls(weight.shape[0], weight.shape[1], dense_to_csr(weight.T.contiguous()), layer.bias)
+
     @property
     def weight(self) -> Tensor:
         """The dense weight, rebuilt from CSR on every access."""

@@ -408,3 +408,24 @@ def test_cuda_conversion_equals_the_dense_model() -> None:
     _, timed = to_sparse_inference(model, x, repeats=5)
     for choice in timed.layers:
         assert choice.converted == (choice.dense_ms >= 1.1 * choice.sparse_ms)
+
+
+def test_hf_gpt2_conv1d_layers_convert_and_restore() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, transformers.pytorch_utils.Conv1D):
+                module.weight.mul_(torch.rand_like(module.weight) > 0.9)  # 90% zeros
+    tokens = torch.randint(0, 50, (2, 8))
+    sparse, report = to_sparse_inference(model, tokens, min_speedup=0)
+    converted = [c.name for c in report.layers if c.converted]
+    assert {n for n in converted if "h.0." in n} == {
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert isinstance(sparse.transformer.h[0].mlp.c_fc, SparseLinear)
+    torch.testing.assert_close(sparse(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-5)
+    restored = restore_sparse_inference(transformers.GPT2LMHeadModel(config), sparse.state_dict())
+    torch.testing.assert_close(restored(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-5)
