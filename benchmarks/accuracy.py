@@ -24,6 +24,10 @@ divides the tiny outputs by their tiny spread, so that layer's gradient grows li
 norm, and the straight-through estimator hands that gradient to every raw weight, pruned ones included: within a few
 steps the raw weights and the threshold blow up. Clipping the gradient norm (the same for all methods) stops it.
 
+``--min-density-ratio`` sets ``ST3PruningCallback``'s density floor for GMP, ST-3 and ST-3 sigma (default: the
+callback's, 0.05); several values train each configuration once per value and write ``accuracy_floor*`` files whose
+table also lists the layers the floor held in any step of any seed.
+
 Writes ``accuracy.json`` (every run), ``accuracy.md`` (mean and spread over seeds) and ``accuracy.png``
 (accuracy vs sparsity and vs MACs) into ``--out`` (default ``benchmarks/results``). Data is read from local IDX files
 (Debian's ``dataset-fashion-mnist`` at ``/usr/share/datasets/fashion-mnist``, or ``--data-dir``); nothing is

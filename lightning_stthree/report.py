@@ -12,7 +12,7 @@ from lightning_stthree.core.distributed import count_per_tensor
 from lightning_stthree.core.flops import measure_layer_macs
 from lightning_stthree.core.layers import find_prunable_layers, layer_type, pruned_tensor
 from lightning_stthree.methods.measure import received_sparsity
-from lightning_stthree.methods.parametrization import find_sparse_parametrization
+from lightning_stthree.methods.parametrization import find_sparse_parametrization, reads_tied_weight
 
 REPORT_COLUMNS = ("name", "type", "shape", "weights", "zeros", "density", "macs_dense", "macs_sparse", "pruned")
 TOTAL_ROW_NAME = "total"
@@ -49,7 +49,9 @@ def sparsity_report(
     Returns:
         The rows, ready for ``pandas.DataFrame(rows)`` or :func:`format_report`.
     """
-    layers = find_prunable_layers(model)
+    # A layer reading another layer's effective weight (`prune_tied=True`) holds no tensor of its own: its one tensor
+    # is counted once, in the row of the layer that prunes it.
+    layers = {n: m for n, m in find_prunable_layers(model).items() if not reads_tied_weight(m)}
     if check_received and example_input is None:
         raise ValueError("`check_received=True` needs an `example_input` to run the layers' operations on")
     received = received_sparsity(model, example_input, layers) if check_received else None

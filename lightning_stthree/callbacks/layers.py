@@ -154,7 +154,7 @@ def tie_holders(callback: SparseTrainingCallback, pl_module: nn.Module, name: st
         return
     tie_sparse_parametrization(layer, [(module, attribute) for _, module, attribute in holders])
     names = [holder for holder, _, _ in holders]
-    callback._tied[name] = callback._tied.get(name, []) + names
+    callback._tied[name] = sorted({*callback._tied.get(name, []), *names})
     rank_zero_info(
         f"{type(callback).__name__} prunes `{name}` for every module that uses its tensor (`prune_tied=True`): "
         f"{names} read the same effective weight."

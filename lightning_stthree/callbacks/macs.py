@@ -7,9 +7,11 @@ comes from (``input_shape`` or the LightningModule's ``example_input_array``) an
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -73,3 +75,17 @@ def measure_fit_macs(
             + (" With budget='flops' their weights are pruned as if free." if required else "")
         )
     return layer_macs
+
+
+def macs_per_weight(
+    layer_macs: Mapping[str, float],
+    layers: Mapping[str, nn.Module],
+    weights: Sequence[torch.Tensor],
+    tied: Mapping[str, Sequence[str]],
+) -> list[float]:
+    """The FLOPs budget's share of each pruned layer's weights: its MACs per sample divided by its weight count, the
+    MACs of the other users of a tied tensor (``prune_tied=True``) included (its weights do their work too)."""
+    return [
+        (layer_macs[name] + sum(layer_macs.get(user, 0.0) for user in tied.get(name, []))) / weight.numel()
+        for name, weight in zip(layers, weights, strict=True)
+    ]

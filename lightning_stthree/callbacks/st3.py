@@ -21,6 +21,7 @@ from typing_extensions import override
 
 import lightning_stthree.callbacks.notices as notices
 from lightning_stthree.callbacks.base import SparseTrainingCallback
+from lightning_stthree.callbacks.macs import macs_per_weight
 from lightning_stthree.callbacks.settings import schedule_setting, tracker_setting
 from lightning_stthree.core.checks import check_bool, check_choice, check_int
 from lightning_stthree.core.distributed import local_tensor
@@ -139,8 +140,7 @@ class ST3PruningCallback(SparseTrainingCallback):
             than their weights hold (a layer type whose forward transforms the weight;
             :func:`~lightning_stthree.sparsity_report` ``check_received=True`` gives the figures). ``False`` skips
             that forward pass.
-        prune_tied: Prune a tensor other modules hold too (an ``lm_head`` tied to the token embedding) for all of
-            them: they read the layer's effective weight. Default: such layers are left dense (said once).
+        prune_tied: Prune a tied tensor (an ``lm_head`` tied to the embedding) for all its users (see *Models*).
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -345,7 +345,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         weights = [raw_weight(m) for m in self._layers.values()]
         shares = None
         if self.budget == "flops":
-            shares = [self._layer_macs[name] / w.numel() for name, w in zip(self._layers, weights, strict=True)]
+            shares = macs_per_weight(self._layer_macs, self._layers, weights, self._tied)
         try:
             threshold = self.tracker.update(weights, sparsity, step, shares)
         except NonFiniteWeightsError as error:

@@ -387,11 +387,8 @@ def select_threshold_counted(
     compile_kernels: bool = False,
     check_finite: bool = False,
 ) -> tuple[Tensor, list[int]]:
-    """:func:`select_threshold` (same arguments, bitwise the same threshold), with each tensor's number of scores
-    ``<= threshold``: the weights the threshold prunes, per tensor (summed over the ranks when sharded).
-
-    Near ``pivot`` the counts come from the selection's own pass; after a radix selection (or for ``goal <= 0``)
-    they cost one more counting pass.
+    """:func:`select_threshold` (same arguments and threshold) with each tensor's number of scores ``<= threshold``
+    (summed over ranks): from the selection's own pass near ``pivot``, else one more counting pass.
 
     Example::
 
@@ -431,8 +428,13 @@ def _select(
     return answer, _counts_at_most(parts, factors, answer) if counted else None
 
 
+@torch.no_grad()
+def counts_at_most(weights: Sequence[Tensor], factors: Sequence[float], threshold: Tensor) -> list[int]:
+    """Per tensor, the number of scores ``|w| * factor <= threshold`` (one pass; DTensors summed over the ranks)."""
+    return _counts_at_most(local_parts(weights), factors, threshold)
+
+
 def _counts_at_most(parts: LocalParts, factors: Sequence[float], threshold: Tensor) -> list[int]:
-    """Per tensor, the number of scores ``<= threshold`` (one counting pass, chunk by chunk, summed over ranks)."""
     buffer = _score_buffer(parts.tensors)
 
     def count(index: int, part: Tensor) -> Tensor:

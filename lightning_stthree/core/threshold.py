@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_stthree.core.selection import PIVOT_WINDOW, score_chunks, select_threshold, select_threshold_counted
+from lightning_stthree.core.selection import PIVOT_WINDOW, score_chunks, select_threshold
 
 Criterion = Literal["l1", "l1_std"]
 CRITERIA: tuple[str, ...] = ("l1", "l1_std")
@@ -139,147 +139,15 @@ def weighted_global_threshold(
         ValueError: On empty ``weights``, mismatched or negative ``shares``, or ``fraction`` outside ``[0, 1]``.
         NonFiniteScoresError: With ``check_finite``, if some tensor's scores do not sum to a finite number.
     """
-    _check_shares(weights, shares, fraction)
+    check_shares(weights, shares, fraction)
     factors = [layer_score_factor(w.shape, criterion) for w in weights]
     goal = fraction * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
     return select_threshold(weights, factors, shares, goal, pivot, window, compile_kernels, check_finite)
 
 
-def density_caps(sizes: Sequence[int], min_density: float) -> list[int]:
-    """The most weights each layer may lose under a density floor: ``n - ceil(min_density * n)`` for ``n`` weights
-    (a layer keeps at least one weight whenever ``min_density > 0``).
-
-    Example::
-
-        >>> density_caps([1000, 50, 1], 0.01)
-        [990, 49, 0]
-    """
-    # `round` first: 0.07 * 100 is 7.000000000000001 in floats, whose ceiling would keep one weight too many.
-    return [n - math.ceil(round(min_density * n, 9)) for n in sizes]
-
-
-class FlooredThresholds(NamedTuple):
-    """What :func:`floored_global_threshold` selects."""
-
-    #: The global threshold (score units) of the layers not held at the floor.
-    threshold: Tensor
-    #: ``{layer index: its own threshold in score units}`` for each layer held at the floor: it prunes only its
-    #: ``density_caps`` smallest scores, below the global threshold.
-    held: dict[int, Tensor]
-
-
-@torch.no_grad()
-def floored_global_threshold(
-    weights: Sequence[Tensor],
-    sparsity: float,
-    min_density: float = 0.0,
-    criterion: Criterion = "l1",
-    shares: Sequence[float] | None = None,
-    pivot: float | None = None,
-    window: float = PIVOT_WINDOW,
-    compile_kernels: bool = False,
-    check_finite: bool = False,
-    held_pivots: dict[int, float] | None = None,
-) -> FlooredThresholds:
-    r"""The global threshold, with a floor on every layer's density: no layer keeps fewer than
-    ``ceil(min_density * n)`` of its ``n`` weights, and the total pruned is still exactly the goal.
-
-    With :math:`c_i(t)` layer ``i``'s number of scores ``<= t`` and :math:`m_i` its cap (:func:`density_caps`), the
-    result is the smallest score ``t`` with :math:`\sum_i \mathrm{shares}_i \min(c_i(t), m_i) \ge \mathrm{goal}`:
-    the layers with :math:`c_i(t) > m_i` are *held*, they prune their :math:`m_i` smallest scores (their own threshold,
-    the :math:`m_i`-th smallest score), and ``t`` is the global threshold over the other layers for what is left of the
-    goal. Found by water-filling: select over all layers; hold those over their cap; select again over the rest with
-    the held layers' pruned weights taken off the goal; repeat until no further layer is over (the threshold only
-    rises, so a held layer stays held; at most one round per layer, in practice one or two). ``min_density=0`` is the
-    paper's pure global threshold (:func:`global_threshold`, :func:`weighted_global_threshold`), bitwise.
-
-    The goal is :func:`global_threshold`'s (``num_pruned(sparsity, N)`` weights) without ``shares``, and
-    :func:`weighted_global_threshold`'s (``sparsity`` of the total share, e.g. of the MACs) with them. When the floors
-    leave fewer weights to prune than the goal (``sparsity > 1 - min_density``), every layer is held: the floor wins.
-    Ties at a held layer's threshold are pruned with it, as everywhere (a layer of equal magnitudes is pruned whole).
-
-    Args:
-        weights: The raw prunable weight tensors.
-        sparsity: The fraction to prune, in ``[0, 1]``.
-        min_density: The floor on each layer's kept fraction, in ``[0, 1]``.
-        criterion: ``"l1"`` or ``"l1_std"``, as for :func:`global_threshold`.
-        shares: One non-negative share per tensor (the FLOPs budget), or ``None`` to count weights.
-        pivot: The previous global threshold (score units), if any.
-        window: Half-width of the window searched around a pivot first, relative to it.
-        compile_kernels: Count with fused kernels (see :func:`~lightning_stthree.core.selection.select_threshold`).
-        check_finite: As for :func:`global_threshold`.
-        held_pivots: The previous thresholds of held layers (score units), by layer index, to search near.
-
-    Returns:
-        The :class:`FlooredThresholds`.
-
-    Raises:
-        ValueError: On empty ``weights``, mismatched or negative ``shares``, ``sparsity`` outside ``[0, 1]`` or
-            ``min_density`` outside ``[0, 1]``.
-        NonFiniteScoresError: With ``check_finite``, if some tensor's scores do not sum to a finite number.
-
-    Example::
-
-        >>> small, large = torch.tensor([0.01, 0.02]), torch.tensor([0.3, 0.4, 0.5, 0.6])
-        >>> floored_global_threshold([small, large], 0.5)  # the pure global threshold empties the small layer
-        FlooredThresholds(threshold=tensor(0.3000), held={})
-        >>> floored_global_threshold([small, large], 0.5, min_density=0.5)
-        FlooredThresholds(threshold=tensor(0.4000), held={0: tensor(0.0100)})
-    """
-    if len(weights) == 0:
-        raise ValueError("`weights` must hold at least one tensor, got an empty sequence")
-    if not 0.0 <= min_density <= 1.0:
-        raise ValueError(f"`min_density` must be in [0, 1], got {min_density}")
-    if shares is None:
-        if not 0.0 <= sparsity <= 1.0:
-            raise ValueError(f"`sparsity` must be in [0, 1], got {sparsity}")
-        if min_density == 0.0:
-            threshold = global_threshold(weights, sparsity, criterion, pivot, window, compile_kernels, check_finite)
-            return FlooredThresholds(threshold, {})
-        shares = [1.0] * len(weights)
-        goal = float(num_pruned(sparsity, sum(w.numel() for w in weights)))
-    else:
-        if min_density == 0.0:
-            threshold = weighted_global_threshold(
-                weights, shares, sparsity, criterion, pivot, window, compile_kernels, check_finite
-            )
-            return FlooredThresholds(threshold, {})
-        _check_shares(weights, shares, sparsity)
-        goal = sparsity * sum(share * w.numel() for w, share in zip(weights, shares, strict=True))
-    factors = [layer_score_factor(w.shape, criterion) for w in weights]
-    caps = density_caps([w.numel() for w in weights], min_density)
-    held: list[int] = []
-    rest = list(range(len(weights)))
-    while rest:
-        left = goal - sum(shares[i] * caps[i] for i in held)
-        threshold, counts = select_threshold_counted(
-            [weights[i] for i in rest],
-            [factors[i] for i in rest],
-            [shares[i] for i in rest],
-            left,
-            pivot,
-            window,
-            compile_kernels,
-            check_finite and not held,
-        )
-        over = [i for i, count in zip(rest, counts, strict=True) if count > caps[i]]
-        if not over:
-            break
-        held += over
-        rest = [i for i in rest if i not in over]
-    else:  # every layer is held: the floors leave less to prune than the goal
-        threshold = torch.zeros((), dtype=torch.float32, device=weights[0].device)
-    held_pivots = held_pivots or {}
-    own = {
-        i: select_threshold(
-            [weights[i]], [factors[i]], [1.0], float(caps[i]), held_pivots.get(i), window, compile_kernels
-        )
-        for i in sorted(held)
-    }
-    return FlooredThresholds(threshold, own)
-
-
-def _check_shares(weights: Sequence[Tensor], shares: Sequence[float], fraction: float) -> None:
+def check_shares(weights: Sequence[Tensor], shares: Sequence[float], fraction: float) -> None:
+    """Refuse empty ``weights``, ``shares`` that are not one non-negative number per tensor, and a ``fraction``
+    outside ``[0, 1]`` (``ValueError``)."""
     if len(weights) == 0:
         raise ValueError("`weights` must hold at least one tensor, got an empty sequence")
     if len(shares) != len(weights) or any(share < 0 for share in shares):
@@ -295,7 +163,8 @@ def layer_thresholds(
     held: dict[int, Tensor] | None = None,
 ) -> list[Tensor]:
     """Each layer's threshold on its raw magnitudes, ``t / layer_score_factor(shape)``, from the global ``t`` in score
-    units (rounded to ``t``'s float32); a layer in ``held`` (:class:`FlooredThresholds`) divides its own instead.
+    units (rounded to ``t``'s float32); a layer in ``held`` (:class:`~lightning_stthree.core.floor.FlooredThresholds`)
+    divides its own instead.
 
     Example::
 

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from lightning_stthree.core.checks import check_bool, check_choice, check_int, check_number
+from lightning_stthree.core.floor import FlooredThresholds, floored_global_threshold
 from lightning_stthree.core.selection import PIVOT_WINDOW, NonFiniteScoresError, nonfinite_counts, pivot_window
-from lightning_stthree.core.threshold import CRITERIA, Criterion, FlooredThresholds, floored_global_threshold
+from lightning_stthree.core.threshold import CRITERIA, Criterion
 
 Budget = Literal["params", "flops"]
 BUDGETS: tuple[str, ...] = ("params", "flops")
@@ -65,7 +66,8 @@ class ThresholdTracker:
     Attributes:
         threshold: The global threshold of the last update, in score units (0 before any: nothing pruned).
         held: The layers the last update held at the floor, ``{index in the weights given: own threshold in score
-            units}`` (not saved: each update derives it from the weights).
+            units}`` (saved, so that a run resumed where no update follows, in the fine-tune phase, still knows them;
+            the next update starts from them and derives them from the weights again).
         sparsity: The sparsity it was selected for.
         step: The optimizer step of the last update (``-1`` before any).
         last_relative_move: How far the threshold moved at the last update, relative to the one before (sets the
@@ -77,7 +79,7 @@ class ThresholdTracker:
         >>> tracker.update([torch.tensor([0.1, -0.4, 0.3, -0.2])], sparsity=0.5, step=0)
         tensor(0.2000)
         >>> tracker.state_dict()
-        {'sparsity': 0.5, 'threshold': 0.20000000298023224, 'last_update_step': 0}
+        {'sparsity': 0.5, 'threshold': 0.20000000298023224, 'last_update_step': 0, 'held': {}}
     """
 
     def __init__(
@@ -170,14 +172,17 @@ class ThresholdTracker:
             self.compile_kernels,
             check_finite,
             held_pivots,
+            start_held=list(self.held),
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The state a checkpoint keeps (plain Python numbers; the keys of lightning-stthree 0.1's callback state)."""
-        return {"sparsity": self.sparsity, "threshold": self.threshold, "last_update_step": self.step}
+        """The state a checkpoint keeps (plain Python numbers; lightning-stthree 0.1's keys, and ``held``)."""
+        held = {i: float(t) for i, t in self.held.items()}
+        return {"sparsity": self.sparsity, "threshold": self.threshold, "last_update_step": self.step, "held": held}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s values."""
+        """Restore :meth:`state_dict`'s values (a state without ``held``, from 0.1 or 0.2.0, holds no layer)."""
         self.sparsity = float(state["sparsity"])
         self.threshold = float(state["threshold"])
         self.step = int(state["last_update_step"])
+        self.held = {int(i): torch.tensor(float(t)) for i, t in state.get("held", {}).items()}

@@ -42,7 +42,7 @@ def make_permanent(model: ModuleT) -> ModuleT:
         make_permanent(model)
         torch.save(model.state_dict(), "sparse.pt")
     """
-    for module in model.modules():
+    for module in list(model.modules()):  # a list: removing one may change another's children (a tied holder)
         if find_sparse_parametrization(module) is not None:
             remove_sparse_parametrization(module)
     return model

@@ -54,6 +54,8 @@ def test_resume_ends_equal_to_the_uninterrupted_run(
     state = torch.load(ckpt, weights_only=True)  # plain data only: loads without unpickling code
     (cb_state,) = (v for k, v in state["callbacks"].items() if k.startswith("ST3PruningCallback"))
     assert cb_state["last_update_step"] == (28 if phase == "fine-tune phase" else step)
+    held = cb_state.pop("held")  # the layers held at the density floor: {index: own threshold}
+    assert all(type(i) is int and type(t) is float for i, t in held.items())
     assert all(type(v) in (int, float, bool) for v in cb_state.values())
     fc_threshold = state["state_dict"]["fc.parametrizations.weight.0.threshold"]
     if phase == "before the ramp":

@@ -85,10 +85,10 @@ def test_finite_weights_whose_sums_overflow_still_get_a_threshold(monkeypatch: p
     # The tracker (and so the callback) then selects without the check, as if the sums had been finite.
     original = tracking.floored_global_threshold
 
-    def overflowing(*args: Any) -> Any:
+    def overflowing(*args: Any, **kwargs: Any) -> Any:
         if args[8]:  # check_finite
             raise NonFiniteScoresError([0])
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(tracking, "floored_global_threshold", overflowing)
     callback = ST3PruningCallback(0.8, start=0, end=8, report=False)

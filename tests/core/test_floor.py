@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_stthree.core.floor import density_caps, floored_global_threshold, largest_within_cap
 from lightning_stthree.core.selection import select_threshold, select_threshold_counted
 from lightning_stthree.core.threshold import (
-    density_caps,
-    floored_global_threshold,
     global_threshold,
     layer_score_factor,
     layer_thresholds,
@@ -24,19 +23,24 @@ from lightning_stthree.core.tracking import ThresholdTracker
 def _reference(
     weights: list[torch.Tensor], goal: float, caps: list[int], factors: list[float], shares: list[float]
 ) -> tuple[float, dict[int, float]]:
-    """Brute force: the smallest score t with sum_i shares_i * min(c_i(t), caps_i) >= goal; the held layers (c_i(t) >
-    caps_i) with their caps_i-th smallest score (0 for a cap of 0)."""
+    """Brute force of the module docstring's definition: a layer over its cap at t prunes the g_i scores below its
+    (cap + 1)-th smallest (its own threshold o_i the largest of them; 0 and its exact zeros if there is none); the
+    smallest score t with sum_i shares_i * (c_i(t) if c_i(t) <= cap_i else g_i) >= goal."""
     scores = [
         np.abs(w.detach().numpy().astype(np.float32)).ravel() * np.float32(f)
         for w, f in zip(weights, factors, strict=True)
     ]
     order = [np.sort(s) for s in scores]
+    own = []
+    for s, cap in zip(order, caps, strict=True):
+        below = int(np.searchsorted(s, s[cap], side="left")) if cap < s.size else s.size
+        own.append((float(s[below - 1]), below) if below else (0.0, int((s == 0).sum())))
     for t in np.unique(np.concatenate(scores)):
         counts = [int(np.searchsorted(s, t, side="right")) for s in order]
-        if sum(share * min(c, cap) for share, c, cap in zip(shares, counts, caps, strict=True)) >= goal:
-            held = {i: float(order[i][caps[i] - 1]) if caps[i] else 0.0 for i, c in enumerate(counts) if c > caps[i]}
-            return float(t), held
-    raise AssertionError("goal above the capacity")
+        pruned = [c if c <= cap else own[i][1] for i, (c, cap) in enumerate(zip(counts, caps, strict=True))]
+        if sum(share * p for share, p in zip(shares, pruned, strict=True)) >= goal:
+            return float(t), {i: own[i][0] for i, c in enumerate(counts) if c > caps[i]}
+    return 0.0, {i: own[i][0] for i in range(len(order))}  # the floors leave less than the goal: all held
 
 
 def _layers(seed: int) -> list[torch.Tensor]:
@@ -185,4 +189,53 @@ def test_tracker_keeps_the_held_layers_of_its_last_update() -> None:
     tracker.set("min_density_ratio", 0.0)
     tracker.update(weights, 0.8, 2)
     assert tracker.held == {}
-    assert tracker.state_dict() == {"sparsity": 0.8, "threshold": tracker.threshold, "last_update_step": 2}
+    assert tracker.state_dict() == {"sparsity": 0.8, "threshold": tracker.threshold, "last_update_step": 2, "held": {}}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ties_at_a_held_layers_boundary_never_take_it_below_its_floor(seed: int) -> None:
+    # Magnitudes on a coarse grid: many ties, at the global threshold and at the held layers' boundaries.
+    generator = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(40, generator=generator) * scale * 20).round() / 20 for scale in (1.0, 0.05, 0.3, 0.02)]
+    min_density, sparsity = 0.3, 0.6
+    sizes = [w.numel() for w in weights]
+    caps = density_caps(sizes, min_density)
+    goal = float(num_pruned(sparsity, sum(sizes)))
+    want, want_held = _reference(weights, goal, caps, [1.0] * 4, [1.0] * 4)
+    got = floored_global_threshold(weights, sparsity, min_density)
+    assert float(got.threshold) == want
+    assert {i: float(t) for i, t in got.held.items()} == want_held
+    per_layer = layer_thresholds(got.threshold, [w.shape for w in weights], "l1", got.held)
+    kept = [int((w.abs() > t).sum()) for w, t in zip(weights, per_layer, strict=True)]
+    nonzero = [int((w != 0).sum()) for w in weights]
+    floors = [n - c for n, c in zip(sizes, caps, strict=True)]
+    assert all(k >= min(f, nz) for k, f, nz in zip(kept, floors, nonzero, strict=True))  # exact zeros stay zeros
+
+
+def test_a_boundary_tie_as_the_review_found_it() -> None:
+    a = torch.tensor([0.1, 0.5, 0.5, 0.5, 0.5, 0.5])  # cap 3: 0.5 is tied beyond it, so only 0.1 may go
+    b = torch.tensor([0.2, 0.3, 0.45, 0.47, 0.48, 0.9, 0.95, 0.99, 1.0, 1.1])
+    got = floored_global_threshold([a, b], 7 / 16, 0.5)  # a goal of 7 the floors cannot give: both held
+    assert {i: float(t) for i, t in got.held.items()} == {0: pytest.approx(0.1), 1: pytest.approx(0.48)}
+    per_layer = layer_thresholds(got.threshold, [a.shape, b.shape], "l1", got.held)
+    assert [int((w <= t).sum()) for w, t in zip((a, b), per_layer, strict=True)] == [1, 5]  # a keeps 5 >= 3
+    assert largest_within_cap(a, 1.0, 3) == (torch.tensor(0.1), 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_starting_from_any_held_set_gives_the_same_answer(seed: int) -> None:
+    weights = _layers(seed)
+    fresh = floored_global_threshold(weights, 0.85, 0.03)
+    assert fresh.held
+    for start in ([], list(fresh.held), [0, 1], [0, 1, 2, 3, 4], [4]):  # right, stale or wrong starts
+        got = floored_global_threshold(weights, 0.85, 0.03, pivot=float(fresh.threshold), start_held=start)
+        assert got.threshold.item() == fresh.threshold.item(), start
+        assert {i: t.item() for i, t in got.held.items()} == {i: t.item() for i, t in fresh.held.items()}
+
+
+def test_nothing_to_prune_holds_nothing_even_with_many_exact_zeros() -> None:
+    mostly_zero = torch.zeros(100)
+    mostly_zero[:3] = 1.0
+    got = floored_global_threshold([mostly_zero, torch.randn(50)], 0.0, 0.2)
+    assert got.held == {}
+    assert float(got.threshold) == 0.0

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lightning_stthree.core import selection, tracking
+from lightning_stthree.core.floor import FlooredThresholds
 from lightning_stthree.core.selection import NonFiniteScoresError
-from lightning_stthree.core.threshold import FlooredThresholds, weighted_global_threshold
+from lightning_stthree.core.threshold import weighted_global_threshold
 from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
 
 
@@ -98,12 +99,12 @@ def test_an_overflowing_sum_of_finite_weights_is_selected_without_the_check(monk
     original = tracking.floored_global_threshold
     calls: list[bool] = []
 
-    def overflowing(*args: object) -> FlooredThresholds:
+    def overflowing(*args: object, **kwargs: object) -> FlooredThresholds:
         check_finite = bool(args[8])
         calls.append(check_finite)
         if check_finite:  # the selection's sum said "not finite"
             raise NonFiniteScoresError([0])
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(tracking, "floored_global_threshold", overflowing)
     weights = _weights()
@@ -125,10 +126,18 @@ def test_state_is_plain_python_and_round_trips() -> None:
     tracker = ThresholdTracker()
     tracker.update(_weights(), 0.4, 7)
     state = json.loads(json.dumps(tracker.state_dict()))
-    assert set(state) == {"sparsity", "threshold", "last_update_step"}  # the keys of 0.1's callback state
+    assert set(state) == {"sparsity", "threshold", "last_update_step", "held"}  # 0.1's keys and the held layers
     restored = ThresholdTracker()
     restored.load_state_dict(state)
     assert (restored.threshold, restored.sparsity, restored.step) == (tracker.threshold, 0.4, 7)
+    restored.load_state_dict({k: v for k, v in state.items() if k != "held"})  # 0.1's state: no layer held
+    assert restored.held == {}
+    floored = ThresholdTracker(min_density_ratio=1.0)  # every layer at the model's density: all held
+    floored.update(_weights(), 0.4, 3)
+    assert floored.held
+    again = ThresholdTracker()
+    again.load_state_dict(json.loads(json.dumps(floored.state_dict())))
+    assert {i: float(t) for i, t in again.held.items()} == {i: float(t) for i, t in floored.held.items()}
 
 
 @pytest.mark.parametrize(
