@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_stthree.callbacks.base import SparseTrainingCallback
@@ -84,6 +85,19 @@ def check_model_matches_data(model: LightningModule, datamodule: LightningDataMo
         )
 
 
+def validate_if_never_validated(
+    trainer: Trainer, model: LightningModule, datamodule: LightningDataModule | None
+) -> None:
+    """Validate once after ``fit`` when the run ended before its first validation (``--trainer.max_steps 20`` of a
+    recipe that validates every 250 steps), so that the summary reports the validation metrics of the model handed
+    back. Only in one process, with validation batches allowed and a ``val_dataloader``."""
+    if any(key.startswith("val_") for key in trainer.callback_metrics) or trainer.world_size != 1:
+        return
+    if trainer.limit_val_batches == 0 or datamodule is None or not is_overridden("val_dataloader", datamodule):
+        return
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+
+
 def main(args: list[str] | None = None) -> Any:
     """Entry point of ``stthree`` and ``python -m lightning_stthree``.
 
@@ -128,6 +142,7 @@ def main(args: list[str] | None = None) -> Any:
             self._warn_without_checkpoint()
 
         def after_fit(self) -> None:
+            validate_if_never_validated(self.trainer, self.model, self.datamodule)
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
             text = summary(self.trainer, log_dir)  # sharded weights are counted by every rank
             if self.trainer.is_global_zero:
