@@ -82,17 +82,34 @@ def test_sharded_threshold_benchmark_counts_the_bytes_and_checks_the_result(tmp_
     assert out.with_suffix(".md").read_text().startswith("| weights | tensors | bytes all-reduced per update |")
 
 
-def test_step_overhead_benchmark_times_dense_eager_compiled_and_copy(tmp_path: Path) -> None:
+def test_step_overhead_benchmark_times_and_measures_dense_default_and_copy(tmp_path: Path) -> None:
     step_overhead = _load("step_overhead")
     out = tmp_path / "step_overhead.json"
-    rows = step_overhead.main(["--rounds", "1", "--steps", "3", "--models", "resnet20", "--out", str(out)])
-    (row,) = rows
+    argv = ["--rounds", "1", "--steps", "3", "--models", "resnet20", "--variants", "default", "copy", "--out", str(out)]
+    (row,) = step_overhead.main(argv)
     assert row["prunable_weights"] == 268_336  # every Conv/Linear weight of the CIFAR ResNet-20
-    assert set(row["variants"]) == {"eager", "compiled", "copy"}
+    assert row["prunable_bytes"] == 4 * 268_336
+    assert set(row["variants"]) == {"default", "copy"}
+    assert row["dense_peak_extra_bytes"] > row["prunable_bytes"]  # at least the gradients
     for variant in row["variants"].values():
         assert variant["step_s"] > 0
         assert variant["overhead_median_ratio"] == variant["ratios"][0] == variant["step_s"] / row["dense_step_s"]
-    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(rows))
+        assert variant["peak_extra_bytes"] > 0
+        expected = (variant["peak_extra_bytes"] - row["dense_peak_extra_bytes"]) / row["prunable_bytes"]
+        assert variant["peak_over_dense_in_weights"] == expected
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps([row]))
+    assert out.with_suffix(".md").read_text().count("| resnet20 |") == 2
+
+
+def test_step_overhead_models_build_and_take_one_training_step() -> None:
+    # The weight-heavy rows (a 134M MLP, a Hugging Face LLaMA) at their real sizes: one forward and backward each.
+    step_overhead = _load("step_overhead")
+    for name, weights in (("mlp134m", 8 * 4096 * 4096), ("llama", 4 * (4 + 3 * 2) * 1024 * 1024 + 4096 * 1024)):
+        module = step_overhead._module(name, "copy")
+        assert sum(m.weight.numel() for m in step_overhead.prunable(module.net)) == weights
+        (batch,) = list(step_overhead._loader(name, 1))
+        module.training_step(batch, 0).backward()
+        assert all(m.parametrizations.weight.original.grad is not None for m in step_overhead.prunable(module.net))
 
 
 def test_step_breakdown_splits_the_step_and_times_the_effective_weights() -> None:

@@ -167,6 +167,9 @@ class SparseTrainingCallback(Callback):
     def _check_fit_setup(self, trainer: pl.Trainer) -> None:
         """Checks of the run's configuration at the start of ``setup("fit")``."""
 
+    def _prepare(self, trainer: pl.Trainer) -> None:
+        """Work at the start of ``setup``, every stage, before the parametrizations are registered."""
+
     @property
     def _macs_required(self) -> bool:
         """Whether a run without measured MACs is an error (instead of only not logging them)."""
@@ -183,6 +186,7 @@ class SparseTrainingCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._prepare(trainer)
         if stage == "fit":
             self._check_fit_setup(trainer)
         else:
@@ -221,8 +225,11 @@ class SparseTrainingCallback(Callback):
     on_validation_start = on_test_start = on_predict_start = _start_reusing
     on_validation_end = on_test_end = on_predict_end = _stop_reusing
 
+    def _sharded(self) -> bool:
+        return any(is_dtensor(raw_or_plain(layer)) for layer in self._layers.values())
+
     def _reuse_effective_weights(self, reuse: bool) -> None:
-        if reuse and any(is_dtensor(raw_or_plain(layer)) for layer in self._layers.values()):
+        if reuse and self._sharded():
             return
         for parametrization in self._parametrizations():
             if reuse:
@@ -244,6 +251,9 @@ class SparseTrainingCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._measure_macs(pl_module)
+        if self._sharded():  # after the strategy's wrapping; see `SparseParametrization.reuse_memory`
+            for parametrization in self._parametrizations():
+                parametrization.reuse_memory = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -260,6 +270,8 @@ class SparseTrainingCallback(Callback):
         step = trainer.global_step
         if step == self._last_logged_step:
             return  # a later micro-batch of the same optimizer step (gradient accumulation)
+        for parametrization in self._parametrizations():
+            parametrization.forget_values()  # the optimizer step changed the raw weights, maybe through `.data`
         self._on_optimizer_step_start(pl_module, step)
         if self._is_measured_step(trainer, step):
             self._log(pl_module, step)

@@ -1,11 +1,13 @@
 """What :class:`~lightning_stthree.callbacks.st3.ST3PruningCallback` tells the user while it runs, as text: weights
-that are not finite (training has diverged), and layers held at the density floor. The callback decides when to say
-it; these functions only say it."""
+that are not finite (training has diverged, and what ``on_nonfinite`` does about it), and layers held at the density
+floor. The callback decides when to say it."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 NONFINITE_HINT = (
@@ -25,6 +27,24 @@ def nonfinite_weights(
         f"ST3PruningCallback: at optimizer step {step}, the raw weights of {where} are not finite, so no "
         "meaningful global threshold exists (training has diverged)."
     )
+
+
+def handle_nonfinite_weights(
+    callback: Any, step: int, names: Sequence[str], weights: Sequence[Tensor], counts: dict[int, tuple[int, int]]
+) -> None:
+    """What ``ST3PruningCallback(on_nonfinite=...)`` does about non-finite raw weights at ``step``: raise a
+    ``FloatingPointError`` (``"raise"``), or warn once per run and keep the last threshold (``"warn"``)."""
+    message = nonfinite_weights(step, names, weights, counts)
+    if callback.on_nonfinite == "raise":
+        raise FloatingPointError(
+            message + NONFINITE_HINT + " Pass `on_nonfinite='warn'` to keep the last threshold instead of stopping."
+        )
+    if not callback._warned_nonfinite:
+        callback._warned_nonfinite = True
+        rank_zero_warn(
+            message + f" The threshold stays at {callback.threshold:.6g} and updates are skipped while any weight is "
+            "not finite (`on_nonfinite='warn'`; warned once per run)." + NONFINITE_HINT
+        )
 
 
 def newly_held(step: int, sparsity: float, names: Sequence[str], ratio: float) -> str:

@@ -8,26 +8,28 @@ the effective weight (:mod:`~lightning_stthree.methods.st3`). What every method 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 import lightning_stthree.callbacks.notices as notices
 from lightning_stthree.callbacks.base import SparseTrainingCallback
 from lightning_stthree.callbacks.macs import macs_per_weight
-from lightning_stthree.callbacks.settings import schedule_setting, tracker_setting
+from lightning_stthree.callbacks.settings import (
+    optional_bool_setting,
+    schedule_errors_as_misconfiguration,
+    schedule_setting,
+    tracker_setting,
+)
 from lightning_stthree.core.checks import check_bool, check_choice, check_int
 from lightning_stthree.core.distributed import local_tensor
-from lightning_stthree.core.kernels import check_compiles
+from lightning_stthree.core.kernels import decide_fused, try_selection_kernel
 from lightning_stthree.core.layers import pruned_tensor
-from lightning_stthree.core.schedule import DEFAULT_POWER, ScheduleError, SparsitySchedule, StepSpec
+from lightning_stthree.core.schedule import DEFAULT_POWER, SparsitySchedule, StepSpec
 from lightning_stthree.core.threshold import layer_thresholds
 from lightning_stthree.core.tracking import NonFiniteWeightsError, ThresholdTracker
 from lightning_stthree.methods.parametrization import raw_weight
@@ -35,6 +37,7 @@ from lightning_stthree.methods.st3 import (
     SoftThresholdParametrization,
     find_st3_parametrization,
     register_st3_parametrization,
+    try_effective_weight_kernel,
 )
 
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
@@ -122,10 +125,13 @@ class ST3PruningCallback(SparseTrainingCallback):
             otherwise.
         compile_kernels: Fuse the two passes ST-3 makes over every weight per step (the effective weight in the
             forward pass, the count around the last threshold in the selection) into one ``torch.compile``d kernel
-            each (:mod:`~lightning_stthree.core.kernels`): several times less time per pass. Needs a C++ compiler on a
-            CPU (Triton on a GPU; checked at setup) and compiles a few seconds the first time each kind of layer is
-            met (cached on disk by Inductor). The threshold is bitwise the same; the effective weights are the same
-            up to float rounding. Applies to the straight-through gradient (``straight_through=True``, ST-3's).
+            each (:mod:`~lightning_stthree.core.kernels`): several times less time per pass. ``None`` (default): where
+            they build (a C++ compiler on a CPU, Triton on a GPU; tried once per process at setup, a few seconds, then
+            cached on disk by Inductor), else the eager kernels with one log line saying why. ``True`` requires them
+            (an error at setup), ``False`` never uses them. The threshold is bitwise the same either way; the
+            effective weights are the same up to float rounding. Applies to the straight-through gradient
+            (``straight_through=True``, ST-3's); :attr:`kernels_fused` says what the run uses. Either way effective
+            weights go into memory reused from step to step (:mod:`~lightning_stthree.methods.memory`).
         min_density_ratio: A floor on every layer's density, relative to the model's, applied inside the exact
             selection (:func:`~lightning_stthree.core.threshold.floored_global_threshold`): at scheduled sparsity
             ``s``, a layer the global threshold would take below ``min_density_ratio * (1 - s)`` of its weights keeps
@@ -179,14 +185,15 @@ class ST3PruningCallback(SparseTrainingCallback):
         report: bool = True,
         save_plots: bool = False,
         on_nonfinite: Literal["raise", "warn"] = "raise",
-        compile_kernels: bool = False,
+        compile_kernels: bool | None = None,
         layer_types: dict[str, dict[str, Any]] | None = None,
         min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
         check_received: bool = True,
         prune_tied: bool = False,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
-        self.tracker = ThresholdTracker(criterion, budget, compile_kernels, min_density_ratio)
+        self.tracker = ThresholdTracker(criterion, budget, False, min_density_ratio)  # fused or not: decided in setup
+        self.compile_kernels = compile_kernels
         super().__init__(
             include_types=include_types,
             exclude=exclude,
@@ -223,7 +230,8 @@ class ST3PruningCallback(SparseTrainingCallback):
     freeze_at = schedule_setting("freeze_at", "Where the fine-tune phase starts (int or float), or None.")
     criterion = tracker_setting("criterion", "``'l1'`` (ST-3) or ``'l1_std'`` (ST-3 sigma).")
     budget = tracker_setting("budget", "``'params'`` or ``'flops'``.")
-    compile_kernels = tracker_setting("compile_kernels", "Whether the effective weights and the selection are fused.")
+    compile_kernels = optional_bool_setting("compile_kernels", "Fused kernels: on, off, or ``None`` where they build.")
+    kernels_fused = tracker_setting("compile_kernels", "Whether this run's effective weights and selection are fused.")
     min_density_ratio = tracker_setting("min_density_ratio", "Each layer's density floor, relative to the model's.")
     threshold = tracker_setting("threshold", "The global threshold of the last update, in score units.")
     sparsity = tracker_setting("sparsity", "The scheduled sparsity at the last threshold update.")
@@ -247,15 +255,22 @@ class ST3PruningCallback(SparseTrainingCallback):
     @override
     def _register(self, module: nn.Module) -> SoftThresholdParametrization:
         return register_st3_parametrization(
-            module, self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels
+            module, self.soft_threshold, self.straight_through, self.rescale, self.kernels_fused
         )
 
     @override
     def _check_fit_setup(self, trainer: pl.Trainer) -> None:
         with self._as_misconfiguration():
             self.schedule.check_run_length_known(trainer.max_steps == -1 and trainer.max_epochs in (-1, None))
-        if self.compile_kernels:
-            check_compiles(trainer.strategy.root_device)
+
+    @override
+    def _prepare(self, trainer: pl.Trainer) -> None:
+        # Every stage: a checkpoint restored for validate/test holds the effective weights the fit's kernels built.
+        trials = (try_selection_kernel, try_effective_weight_kernel)
+        fused, note = decide_fused(self.compile_kernels, trainer.strategy.root_device, trials)
+        self.tracker.compile_kernels = fused
+        if note:
+            rank_zero_info(f"ST3PruningCallback: {note}")
 
     @property
     @override
@@ -377,18 +392,7 @@ class ST3PruningCallback(SparseTrainingCallback):
 
     def _on_nonfinite_weights(self, step: int, weights: list[torch.Tensor], counts: dict[int, tuple[int, int]]) -> None:
         """Raise, or warn once and keep the last threshold, as ``on_nonfinite`` says."""
-        message = notices.nonfinite_weights(step, list(self._layers), weights, counts)
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(
-                message + notices.NONFINITE_HINT + " Pass `on_nonfinite='warn'` to keep the last threshold instead "
-                "of stopping."
-            )
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(
-                message + f" The threshold stays at {self.threshold:.6g} and updates are skipped while any weight is "
-                "not finite (`on_nonfinite='warn'`; warned once per run)." + notices.NONFINITE_HINT
-            )
+        notices.handle_nonfinite_weights(self, step, list(self._layers), weights, counts)
 
     def _update_if_weights_replaced(self, step: int) -> None:
         """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
@@ -440,11 +444,4 @@ class ST3PruningCallback(SparseTrainingCallback):
         model_wide = {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}
         return {**model_wide, "held_layers": float(len(self.tracker.held))}, {}
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _as_misconfiguration() -> Iterator[None]:
-        """Schedule problems only the trainer reveals are the user's configuration: ``MisconfigurationException``."""
-        try:
-            yield
-        except ScheduleError as error:
-            raise MisconfigurationException(f"ST3PruningCallback: {error}") from error
+    _as_misconfiguration = staticmethod(schedule_errors_as_misconfiguration)

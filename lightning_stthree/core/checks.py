@@ -17,8 +17,8 @@ from typing import Any
 _INTERVAL_ENDS = ("[]", "[)", "(]", "()")
 
 
-def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` if it is ``True`` or ``False``.
+def check_bool(name: str, value: object, allow_none: bool = False) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (or ``None``, with ``allow_none``).
 
     Raises:
         TypeError: Otherwise (``0``, ``1``, ``"yes"`` and ``None`` included).
@@ -30,8 +30,10 @@ def check_bool(name: str, value: object) -> bool:
         ...
         TypeError: `rescale` must be True or False, got 'yes'
     """
+    if allow_none and value is None:
+        return value  # type: ignore[return-value]
     if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}")
+        raise TypeError(f"`{name}` must be True{', False or None' if allow_none else ' or False'}, got {value!r}")
     return value
 
 

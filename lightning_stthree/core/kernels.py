@@ -1,4 +1,4 @@
-"""Fused kernels for ST-3's two passes over every prunable weight per step (opt-in: ``compile_kernels=True``).
+"""Fused kernels for ST-3's two passes over every prunable weight per step (where they build).
 
 An ST-3 step reads each raw weight twice: once to count the scores around the last threshold (the global selection,
 :mod:`~lightning_stthree.core.selection`) and once to build the effective weight (the forward pass,
@@ -16,7 +16,7 @@ effective weight (sums reduce in another order).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -62,19 +62,74 @@ def window_column_counts(columns: Tensor, factor: Tensor, low: Tensor, high: Ten
     return below.sum(dtype=torch.int64), inside.sum(0, dtype=torch.int32), scores.sum(0).sum(dtype=torch.float64)
 
 
-def check_compiles(device: torch.device) -> None:
-    """Compile and run :func:`window_column_counts` on a tiny tensor of ``device``: a missing compiler fails at setup.
+# Per device type, why fused kernels cannot be built there ("" when they can): probed once per process.
+_PROBED: dict[str, str] = {}
+
+Trial = Callable[[torch.device], Any]
+
+
+def try_selection_kernel(device: torch.device) -> None:
+    """Compile and run the selection's fused kernel (:func:`window_column_counts`) on a tiny tensor of ``device``."""
+    one = torch.ones((), device=device)
+    compiled(window_column_counts)(torch.ones(2, 4, device=device), one, one, one)
+
+
+def build_failure(device: torch.device, trials: Sequence[Trial] = (try_selection_kernel,)) -> str:
+    """Why ``trials`` (functions that build and run a fused kernel on tiny tensors of a device) fail on ``device``, or
+    ``""`` when they all work. Tried once per device type and process; later calls return the first answer."""
+    if device.type not in _PROBED:
+        try:
+            for trial in trials:
+                trial(device)
+            _PROBED[device.type] = ""
+        except Exception as error:  # Inductor raises many types (missing compiler, missing Triton, ...)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            _PROBED[device.type] = f"{type(error).__name__}: {first_line}"
+    return _PROBED[device.type]
+
+
+def _tool(device: torch.device) -> str:
+    return "Triton (installed with CUDA builds of torch)" if device.type == "cuda" else "a C++ compiler (g++)"
+
+
+def check_compiles(device: torch.device, trials: Sequence[Trial] = (try_selection_kernel,)) -> None:
+    """Build and run the fused kernels on tiny tensors of ``device``: a missing compiler fails at setup.
 
     Raises:
         RuntimeError: If ``torch.compile`` cannot build a kernel here, with what to do about it.
     """
-    one = torch.ones((), device=device)
-    try:
-        compiled(window_column_counts)(torch.ones(2, 4, device=device), one, one, one)
-    except Exception as error:  # Inductor raises many types (missing compiler, missing Triton, ...)
-        tool = "Triton (installed with CUDA builds of torch)" if device.type == "cuda" else "a C++ compiler (g++)"
+    reason = build_failure(device, trials)
+    if reason:
         raise RuntimeError(
             f"`compile_kernels=True` needs torch.compile to build kernels on {device.type}, which failed with "
-            f"{type(error).__name__}: {error}. HINT: install {tool}, or pass `compile_kernels=False` (the default: "
-            "the same results with unfused eager kernels)"
-        ) from error
+            f"{reason}. HINT: install {_tool(device)}, or pass `compile_kernels=None` (the default: fused kernels "
+            "where they build, else the eager ones, same results) or `False`"
+        )
+
+
+def decide_fused(
+    setting: bool | None, device: torch.device, trials: Sequence[Trial] = (try_selection_kernel,)
+) -> tuple[bool, str]:
+    """Whether to run the fused kernels on ``device`` for a ``compile_kernels`` setting, and a line to log about it.
+
+    ``True`` requires them (:func:`check_compiles`), ``False`` never uses them, and ``None`` (the callbacks' default)
+    uses them where they build: the first decision per device type and process builds them on tiny tensors (a few
+    seconds, less from Inductor's disk cache); when that fails, the line says why and what to install (``""``
+    otherwise, and on later calls).
+
+    Raises:
+        RuntimeError: With ``True``, if the kernels cannot be built.
+    """
+    if setting is not None:
+        if setting:
+            check_compiles(device, trials)
+        return setting, ""
+    first = device.type not in _PROBED
+    reason = build_failure(device, trials)
+    if not reason or not first:
+        return not reason, ""
+    return False, (
+        f"fused kernels cannot be built on {device.type} ({reason}); using the eager kernels (the same results, "
+        f"slower). HINT: install {_tool(device)} for the fast path, or pass `compile_kernels=False` to choose the "
+        "eager kernels without this message."
+    )

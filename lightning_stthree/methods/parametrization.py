@@ -39,6 +39,11 @@ class SparseParametrization(nn.Module):
             by FSDP2, whose forward passes see each layer's gathered weight).
     """
 
+    #: Whether the effective weight is written into memory kept from one forward pass to the next (ST-3's, see
+    #: :class:`~lightning_stthree.methods.st3.SoftThresholdParametrization`); the callbacks turn it off for weights
+    #: sharded by FSDP2.
+    reuse_memory: bool = False
+
     def __init__(self) -> None:
         super().__init__()
         self.reuse_outside_autograd = False
@@ -65,6 +70,11 @@ class SparseParametrization(nn.Module):
     def _settings(self) -> tuple[Any, ...]:
         """The plain-Python settings the effective weight depends on (part of the reuse key)."""
         return ()
+
+    def forget_values(self) -> None:
+        """Forget the effective weights kept for reuse: the next forward pass rebuilds them (after in-place changes
+        made through ``.data``, which version counters do not see)."""
+        self._reused = None
 
     def stop_reusing(self) -> None:
         """Unset ``reuse_outside_autograd`` and drop the effective weight held for reuse."""

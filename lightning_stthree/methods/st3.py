@@ -3,189 +3,85 @@
 ST-3 never changes a layer's class. Each prunable weight gets a :class:`SoftThresholdParametrization` (through the
 shared machinery of :mod:`~lightning_stthree.methods.parametrization`) that turns the raw weight ``w`` (stored as
 ``parametrizations.weight.original``) into the effective weight used by the forward pass. The maths lives in
-:func:`effective_weight`; the parametrization only holds the per-layer threshold buffer and chooses the gradient.
+:mod:`~lightning_stthree.methods.effective` (:func:`effective_weight`); the parametrization holds the per-layer
+threshold buffer and the memory its effective weight is written into, and chooses the gradient.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from typing_extensions import override
 
 from lightning_stthree.core.distributed import is_dtensor, on_local_rows
 from lightning_stthree.core.kernels import compiled
 from lightning_stthree.core.layers import output_dim
+from lightning_stthree.methods.effective import (  # noqa: F401 (re-exported: the public names live here too)
+    RESCALE_EPSILON,
+    RESCALE_OFFSET,
+    above_threshold,
+    channel_rescale,
+    copy_effective_weight,
+    effective_weight,
+    effective_weight_value,
+    try_effective_weight_kernel,
+    write_effective_weight,
+)
+from lightning_stthree.methods.memory import ReusedWeightMemory
 from lightning_stthree.methods.parametrization import (
     SparseParametrization,
     find_sparse_parametrization,
     register_sparse_parametrization,
 )
 
-# Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
-# channel-mean ratio defined for all-zero channels, and the offset that bounds the scale by 1.01 / 0.01 = 101.
-RESCALE_EPSILON = 1e-6
-RESCALE_OFFSET = 0.01
-
-
-def channel_rescale(weight: Tensor, keep: Tensor) -> Tensor:
-    r"""Per-output-channel scale that restores the magnitude removed by pruning (no gradient flows through it).
-
-    .. math::
-
-        r_c = \frac{\mathrm{mean}_c(|w| \cdot m) + 10^{-6}}{\mathrm{mean}_c(|w|) + 10^{-6}}, \qquad
-        \mathrm{scale}_c = \frac{1.01}{r_c + 0.01}
-
-    The output channel is dim 0 (``nn.Linear`` and ``nn.Conv*`` weights). Statistics are taken in float32 whatever
-    the weight's dtype; a channel with nothing pruned gets a scale of exactly 1.
-
-    Args:
-        weight: The raw weight, output channels on dim 0.
-        keep: Boolean mask of the kept weights, ``|w| > t_layer``.
-
-    Returns:
-        The scale, shaped ``(out_channels, 1, ..., 1)``, in ``weight``'s dtype.
-    """
-    rows = weight.detach().reshape(weight.shape[0], -1)
-    magnitude = rows.abs()
-    kept_sum = torch.where(keep.reshape(rows.shape), magnitude, 0.0).sum(1, dtype=torch.float32)
-    full_sum = magnitude.sum(1, dtype=torch.float32)
-    return _rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype)
-
-
-def above_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
-    """Boolean mask of the kept weights, ``|w| > t``, compared in at least float32.
-
-    Half-precision weights (``precision="bf16-true"`` / ``"16-true"``) are compared as float32, against the float32
-    threshold: every bf16/fp16 magnitude is exact in float32, so the mask is exactly the rule the global selection
-    counted with (rounding the threshold to bf16 instead could prune weights that rank above it).
-    """
-    if weight.dtype in (torch.float32, torch.float64):
-        return weight.abs() > threshold.to(weight.dtype)
-    return weight.abs().float() > threshold.float()
-
-
-def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = True, rescale: bool = True) -> Tensor:
-    r"""The weight the forward pass uses, given the raw weight and this layer's threshold on magnitudes.
-
-    .. math::
-
-        w_{\mathrm{eff}} = \mathrm{scale} \cdot \mathrm{sign}(w) \max(|w| - t, 0)
-        \quad \text{(soft)}, \qquad
-        w_{\mathrm{eff}} = \mathrm{scale} \cdot w \cdot \mathbb{1}[|w| > t] \quad \text{(hard)}
-
-    Entries with ``|w| <= t`` are exactly zero in both cases. Half-precision weights are thresholded and rescaled in
-    float32 and rounded back once. With ``t = 0`` the weight passes through unchanged
-    (bitwise), which is how a dense phase of the schedule is represented. Differentiable with respect to ``weight``
-    everywhere the mask is 1 (the scale is treated as a constant); :class:`SoftThresholdParametrization` swaps this
-    gradient for the straight-through one.
-
-    Args:
-        weight: The raw weight, output channels on dim 0.
-        threshold: 0-dim tensor, this layer's threshold on ``|w|`` (``t / layer_score_factor``), ``>= 0``.
-        soft_threshold: Shrink kept weights by ``t`` (ST-3) instead of only masking (hard threshold, GMP).
-        rescale: Multiply by :func:`channel_rescale`.
-
-    Returns:
-        The effective weight, same shape and dtype as ``weight``.
-
-    Example::
-
-        >>> effective_weight(torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor(0.15), rescale=False)
-        tensor([[ 0.3500, -0.0500,  0.0000]])
-    """
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        # In half precision `|w| - t` with `t` rounded to the weight's dtype can give 0 (or flip the sign) for a kept
-        # weight just above the threshold: compute in float32 and round once.
-        return effective_weight(weight.float(), threshold, soft_threshold, rescale).to(weight.dtype)
-    # On rows (one per output channel): the channel statistics reduce along dim 1, and `torch.compile` fuses the
-    # whole function into one kernel per weight (see `compile_kernels`).
-    rows = weight.reshape(weight.shape[0], -1)
-    keep = above_threshold(rows, threshold)
-    threshold = threshold.to(weight.dtype)
-    if soft_threshold:
-        # Equals sign(w) * max(|w| - t, 0) bitwise; the `where` also gives pruned entries (|w| == t included) an
-        # exactly zero gradient when autograd differentiates this function (``straight_through=False``).
-        out = torch.where(keep, rows - torch.copysign(threshold, rows), 0.0)
-    else:
-        out = torch.where(keep, rows, 0.0)
-    if rescale:
-        out = out * channel_rescale(rows, keep)
-    return out.reshape(weight.shape)
-
-
-def _rescale_from_sums(full_sum: Tensor, kept_sum: Tensor, count: int, ndim: int, dtype: torch.dtype) -> Tensor:
-    r""":func:`channel_rescale` from per-channel sums of ``|w|`` (all, and kept only) over ``count`` entries.
-
-    With :math:`F = \sum_c |w| + 10^{-6} n` and :math:`K = \sum_c |w| m + 10^{-6} n` (``n = count``), the ratio of
-    means is :math:`K / F`, so the scale is :math:`1.01 F / (K + 0.01 F)`: one division, not four (two means, the
-    ratio, the scale). It matters in the fused kernel of ``compile_kernels``, which recomputes the scale for every
-    vector of a row. Exactly 1 where nothing was pruned (the sums are equal).
-    """
-    padding = RESCALE_EPSILON * count
-    full = full_sum + padding
-    scale = (1.0 + RESCALE_OFFSET) * full / (kept_sum + padding + RESCALE_OFFSET * full)
-    return torch.where(kept_sum == full_sum, 1.0, scale).reshape(-1, *([1] * (ndim - 1))).to(dtype)
-
-
-def _effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
-    """:func:`effective_weight`'s value for when no gradient flows through it, with one large allocation.
-
-    On a CPU most of the cost of an elementwise pass over a large weight is allocating its output, so the soft
-    threshold is built in place in the ``|w|`` buffer: ``relu(|w| - t)`` then the sign of ``w``. Pruned entries
-    are (signed) zeros. The rescale's kept sum is ``sum(relu(|w| - t)) + t * #kept`` (equal to ``sum(|w| * m)`` up to
-    float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise unchanged).
-    """
-    if weight.dtype not in (torch.float32, torch.float64):
-        # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
-        return effective_weight(weight, threshold, soft_threshold, rescale)
-    threshold = threshold.to(weight.dtype)
-    dims = tuple(range(1, weight.ndim))  # reductions over dims, not a reshape: weights may be non-contiguous
-    if not soft_threshold:
-        magnitude = weight.abs()
-        out = weight.masked_fill(magnitude <= threshold, 0.0)
-        if not rescale:
-            return out
-        full_sum = magnitude.sum(dims, dtype=torch.float32)
-        kept_sum = magnitude.masked_fill_(magnitude <= threshold, 0.0).sum(dims, dtype=torch.float32)
-        return out.mul_(_rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype))
-    out = weight.abs()
-    full_sum = out.sum(dims, dtype=torch.float32) if rescale else None
-    out.sub_(threshold).clamp_(min=0)  # relu(|w| - t), in place
-    if rescale:
-        kept = torch.sign(out).sum(dims, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
-        kept_sum = out.sum(dims, dtype=torch.float32) + threshold.float() * kept
-        scale = _rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype)
-    out.copysign_(weight)
-    if rescale:
-        out.mul_(scale)
-    return out.add_(0.0)  # -0.0 + 0.0 = +0.0: pruned entries are +0.0, as in the reference
-
 
 class _StraightThroughEffectiveWeight(torch.autograd.Function):
     """:func:`effective_weight` in the forward pass, identity in the backward pass (straight-through estimator).
 
-    With ``fused``, the forward pass is :func:`effective_weight` compiled into one kernel
-    (:func:`~lightning_stthree.core.kernels.compiled`), except while the caller's own ``torch.compile`` traces it (its
-    graph then holds the eager operations, which it fuses itself).
+    With ``memory``, the value is written into (and reused from) that layer's :class:`ReusedWeightMemory`; with
+    ``fused``, by one compiled kernel (:func:`~lightning_stthree.core.kernels.compiled`), else by
+    :func:`write_effective_weight`. While the caller's own ``torch.compile`` traces it, the eager operations go into its
+    graph, which fuses and plans their memory itself.
     """
 
     # A forward taking `ctx` rather than a separate `setup_context`: autograd's `apply` of the latter form costs about
     # 25 us more per call on a CPU, once per layer and forward pass.
     @staticmethod
     def forward(
-        ctx: object, weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, fused: bool
+        ctx: object,
+        weight: Tensor,
+        threshold: Tensor,
+        soft_threshold: bool,
+        rescale: bool,
+        fused: bool,
+        memory: ReusedWeightMemory | None,
     ) -> Tensor:
-        if fused and not torch.compiler.is_compiling():
-            # Detached: torch.compile gives a Parameter static shapes (one kernel per layer shape); a plain tensor
-            # gets dynamic ones (one kernel for all layers).
+        if torch.compiler.is_compiling():
+            return effective_weight_value(weight, threshold, soft_threshold, rescale)
+        if memory is not None:
+            settings = (soft_threshold, rescale)
+            if _get_current_dispatch_mode() is None and not torch.is_inference_mode_enabled():
+                # Detached: torch.compile gives a Parameter static shapes (one kernel per layer shape); a plain tensor
+                # gets dynamic ones (one kernel for all layers).
+                write = compiled(copy_effective_weight) if fused else write_effective_weight
+                return memory.value(
+                    weight, (threshold,), settings, lambda raw, out: write(raw.detach(), threshold, *settings, out)
+                )
+            # Under a dispatch mode (FLOP counting, the end-of-fit check; fused kernels run eagerly there, with other
+            # float rounding) or in inference mode: the value already built, else one built here and not kept.
+            reused = memory.reused(weight, (threshold,), settings)
+            if reused is not None:
+                return reused
+        if fused and _get_current_dispatch_mode() is None:
             return compiled(effective_weight)(weight.detach(), threshold, soft_threshold, rescale)
-        return _effective_weight_value(weight, threshold, soft_threshold, rescale)
+        return effective_weight_value(weight, threshold, soft_threshold, rescale)
 
     @staticmethod
-    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None, None]:
-        return grad_output, None, None, None, None
+    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        return grad_output, None, None, None, None, None
 
 
 class SoftThresholdParametrization(SparseParametrization):
@@ -209,6 +105,11 @@ class SoftThresholdParametrization(SparseParametrization):
             operations. Same values up to float rounding.
         out_dim: The weight's output-channel dim, which the rescale works per (0 for ``nn.Linear`` / ``nn.Conv*``,
             1 for HF ``Conv1D``; :func:`register_st3_parametrization` sets it from the layer registry).
+        reuse_memory: With ``straight_through``, write the effective weight into memory kept from one forward pass to
+            the next, and reuse its value while the raw weight and the threshold are unchanged
+            (:class:`~lightning_stthree.methods.memory.ReusedWeightMemory`: never overwritten while a graph holds it).
+            Holds one effective weight per layer between steps (1x the pruned weights). The callback turns it off for
+            weights sharded by FSDP2.
 
     Example::
 
@@ -220,7 +121,8 @@ class SoftThresholdParametrization(SparseParametrization):
 
     threshold: Tensor
     mask: Tensor | None
-    out_dim: int = 0  # a class default: parametrizations pickled by 0.1 have no such attribute
+    out_dim: int = 0  # class defaults: parametrizations pickled by 0.1 have no such attributes
+    reuse_memory: bool = True
 
     def __init__(
         self,
@@ -229,8 +131,11 @@ class SoftThresholdParametrization(SparseParametrization):
         rescale: bool = True,
         compile_kernels: bool = False,
         out_dim: int = 0,
+        reuse_memory: bool = True,
     ) -> None:
         super().__init__()
+        self.reuse_memory = reuse_memory
+        self.memory = ReusedWeightMemory()
         self.soft_threshold = soft_threshold
         self.straight_through = straight_through
         self.rescale = rescale
@@ -268,6 +173,7 @@ class SoftThresholdParametrization(SparseParametrization):
         """Apply the fixed boolean ``mask`` from now on, instead of the threshold (which is set to 0)."""
         self.threshold.zero_()
         self.mask = mask.to(dtype=torch.bool, device=self.threshold.device)
+        self._memory().release()  # the masked weight is built by autograd from here on
 
     def _mask_like(self, weight: Tensor) -> Tensor:
         """The fixed mask for ``weight``: the whole mask, or this rank's rows of a mask sharded like the raw weight.
@@ -301,10 +207,22 @@ class SoftThresholdParametrization(SparseParametrization):
         if self.mask is not None:
             return torch.where(self._mask_like(weight), weight, 0.0)
         if self.straight_through:
+            memory = self._memory() if self.reuse_memory and not is_dtensor(weight) else None
             return _StraightThroughEffectiveWeight.apply(
-                weight, self.threshold, self.soft_threshold, self.rescale, self.compile_kernels
+                weight, self.threshold, self.soft_threshold, self.rescale, self.compile_kernels, memory
             )
         return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
+
+    @override
+    def forget_values(self) -> None:
+        super().forget_values()
+        self._memory().invalidate()
+
+    def _memory(self) -> ReusedWeightMemory:
+        memory = vars(self).get("memory")
+        if memory is None:  # unpickled from 0.1
+            memory = self.memory = ReusedWeightMemory()
+        return memory
 
     def _settings(self) -> tuple[Any, ...]:
         return self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels, self.out_dim

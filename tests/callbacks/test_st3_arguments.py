@@ -28,7 +28,7 @@ from lightning_stthree import ST3PruningCallback
         ({"soft_threshold": "yes"}, TypeError, r"`soft_threshold` must be True or False, got 'yes'"),
         ({"straight_through": 1}, TypeError, r"`straight_through` must be True or False, got 1"),
         ({"rescale": None}, TypeError, r"`rescale` must be True or False, got None"),
-        ({"compile_kernels": "yes"}, TypeError, r"`compile_kernels` must be True or False, got .yes."),
+        ({"compile_kernels": "yes"}, TypeError, r"`compile_kernels` must be True, False or None, got .yes."),
         ({"log_layer_sparsity": 0}, TypeError, r"`log_layer_sparsity` must be True or False, got 0"),
         ({"update_every": 0}, ValueError, r"`update_every` must be an int >= 1 \(optimizer steps\), got 0"),
         ({"update_every": 2.0}, TypeError, r"`update_every` must be an int >= 1 \(optimizer steps\), got 2.0"),

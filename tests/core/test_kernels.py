@@ -12,6 +12,7 @@ from torch import nn
 from lightning_stthree import ST3PruningCallback, effective_weight, global_threshold, register_st3_parametrization
 from lightning_stthree.core import kernels as kernels_module
 from lightning_stthree.core import selection
+from lightning_stthree.methods import st3
 
 
 def _graphs(function: Any) -> int:
@@ -63,7 +64,7 @@ def test_a_weight_of_each_kind_compiles_only_a_few_kernels() -> None:
             register_st3_parametrization(module, compile_kernels=True).threshold.fill_(0.01)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
-    assert 1 <= _graphs(effective_weight) <= 5
+    assert 1 <= _graphs(st3.copy_effective_weight) <= 5  # the kernel that writes into the reused memory
 
 
 @pytest.mark.parametrize("decode_block", [None, 7])  # 7: the marks are decoded in many small blocks
@@ -129,10 +130,52 @@ def test_a_compiler_that_fails_is_a_clear_error_at_setup(monkeypatch: pytest.Mon
         return fail
 
     monkeypatch.setattr(kernels_module, "_COMPILED", {})
+    monkeypatch.setattr(kernels_module, "_PROBED", {})
     monkeypatch.setattr(kernels_module.torch, "compile", broken)
     pruning = ST3PruningCallback(0.8, start=0, end=5, report=False, compile_kernels=True)
     with pytest.raises(RuntimeError, match=r"`compile_kernels=True` needs torch.compile .* C\+\+ compiler.*HINT"):
         quiet_trainer(max_steps=2, callbacks=[pruning]).fit(TinyNet(), random_loader(2))
+
+
+def test_by_default_a_compiler_that_fails_means_eager_kernels_and_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(function: Any, **kwargs: Any) -> Any:
+        def fail(*args: Any) -> Any:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return fail
+
+    monkeypatch.setattr(kernels_module, "_COMPILED", {})
+    monkeypatch.setattr(kernels_module, "_PROBED", {})
+    monkeypatch.setattr(kernels_module.torch, "compile", broken)
+    runs = []
+    for _ in range(2):
+        pruning = ST3PruningCallback(0.8, start=0, end=5, report=False)
+        with caplog.at_level("INFO"):
+            quiet_trainer(max_steps=3, callbacks=[pruning]).fit(TinyNet(), random_loader(3))
+        runs.append(pruning)
+        assert pruning.compile_kernels is None
+        assert pruning.kernels_fused is False
+        assert not any(p.compile_kernels for p in pruning._parametrizations())
+        assert pruning.measure_sparsity()[0] == pytest.approx(pruning.sparsity, abs=0.02)
+        assert pruning.sparsity > 0.5
+    lines = [r.getMessage() for r in caplog.records if "fused kernels cannot be built" in r.getMessage()]
+    assert len(lines) == 1  # once per process, not per run
+    assert "InvalidCxxCompiler" in lines[0]
+    assert "HINT: install a C++ compiler (g++)" in lines[0]
+    assert "compile_kernels=False" in lines[0]
+
+
+def test_by_default_the_fused_kernels_are_used_where_they_build() -> None:
+    pruning = ST3PruningCallback(0.8, start=0, end=5, report=False)
+    quiet_trainer(max_steps=3, callbacks=[pruning]).fit(TinyNet(), random_loader(3))
+    builds = kernels_module.build_failure(torch.device("cpu")) == ""
+    assert pruning.kernels_fused is builds
+    assert all(p.compile_kernels is builds for p in pruning._parametrizations())
+    if builds:
+        assert _graphs(st3.copy_effective_weight) >= 1
+        assert _graphs(kernels_module.window_column_counts) >= 1
 
 
 def test_a_compiled_model_traces_the_eager_operations_without_graph_breaks() -> None:
