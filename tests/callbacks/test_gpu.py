@@ -59,3 +59,34 @@ def test_compiled_kernels_on_cuda_match_cpu() -> None:
         layer.weight = torch.nn.Parameter(w.cuda())
         register_st3_parametrization(layer, compile_kernels=True).threshold.copy_(cuda)
         torch.testing.assert_close(layer.weight.detach().cpu(), effective_weight(w, cpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_reused_memory_on_cuda_keeps_each_graphs_weight_and_allocates_once(fused: bool) -> None:
+    # The caching allocator and Triton: the same rules as on a CPU (tests/methods/test_weight_memory.py).
+    x1, x2 = (torch.randn(6, 64, device="cuda", requires_grad=True) for _ in range(2))
+    results = []
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(64, 32).cuda()
+        parametrization = register_st3_parametrization(layer, compile_kernels=fused)
+        parametrization.reuse_memory = reuse
+        parametrization.threshold.fill_(0.05)
+        y1 = layer(x1)
+        parametrization.threshold.fill_(0.1)
+        y2 = layer(x2)
+        (y1.square().sum() + y2.square().sum()).backward()
+        results.append([x1.grad.clone(), x2.grad.clone(), layer.parametrizations.weight.original.grad.clone()])
+        x1.grad = x2.grad = None
+        if reuse:
+            assert parametrization.memory.allocations == 2  # the held first value was not overwritten
+            del y1, y2
+            writes = parametrization.memory.writes
+            parametrization.threshold.fill_(0.2)  # nobody holds the memory now: written where it is
+            for _ in range(3):
+                layer(x1).sum().backward()
+            assert parametrization.memory.writes == writes + 1  # unchanged inputs: built once
+            assert parametrization.memory.allocations == 2  # into memory nobody held
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
