@@ -22,10 +22,12 @@ end of ``on_train_batch_end``. The ratio of each variant's median to the dense m
 reports the median of those ratios (robust to a noisy machine) and their interquartile range. A warm-up fit of each
 model comes first (it compiles the kernels).
 
-Peak memory (unless ``--no-memory``): each model and variant also runs alone in a fresh process for a few steps; on a
-CPU the peak resident memory of the process during ``fit`` minus its resident memory just before (the weights and
-the batch are already there), on a GPU ``torch.cuda.max_memory_allocated`` minus the memory allocated before. The
-table gives each variant's extra peak over the dense step, in units of the prunable weights' bytes.
+Peak memory (unless ``--no-memory``; ``--memory-only`` adds it to an existing ``--out``): each model and variant also
+runs alone in a fresh process for a fit of 4 steps; on a CPU the peak resident memory during the fit (``VmHWM``,
+reset before it) minus the resident memory just before (weights and batch built), on a GPU
+``torch.cuda.max_memory_allocated`` minus the memory allocated before. The table gives each variant's extra peak over
+the dense fit's, in units of the prunable weights' bytes; it includes one-time costs: the effective weights' memory,
+and with fused kernels the compiler's own memory in the process (about 125 MB on a CPU, whatever the model).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -244,28 +245,39 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def _peak_resident_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure_peak(name: str, variant: str, steps: int = 4) -> dict[str, int]:
-    """Peak extra memory of ``fit`` for one model and variant (``"dense"`` too), in this process (run it alone)."""
+    """Peak extra memory of ``fit`` for one model and variant (``"dense"`` too), in this process (run it alone).
+
+    Measured against the memory in use just before ``fit`` (weights and batch built), so one-time costs count: the
+    effective weights' memory and, for fused kernels, the compiler's own memory (``torch.compile`` in the process).
+    """
     module = _module(name, None if variant == "dense" else variant)
     loader = _loader(name, steps)
     pruning = None if variant == "dense" else _callback(variant)
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if gpu:
         module.cuda()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident memory (the model build's peak is gone)
         before = _resident_bytes()
     _trainer(steps, [] if pruning is None else [pruning]).fit(module, loader)
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = torch.cuda.max_memory_allocated() if gpu else _peak_resident_bytes()
     return {"before": before, "peak": peak, "extra": peak - before}
 
 
@@ -312,15 +324,19 @@ def benchmark(name: str, rounds: int, steps: int, variants: list[str], memory: b
         }
     del runs, dense
     if memory:
-        dense_peak = _peak_in_subprocess(name, "dense")
-        row["dense_peak_extra_bytes"] = dense_peak["extra"]
-        for variant in variants:
-            peak = _peak_in_subprocess(name, variant)
-            row["variants"][variant]["peak_extra_bytes"] = peak["extra"]
-            row["variants"][variant]["peak_over_dense_in_weights"] = (peak["extra"] - dense_peak["extra"]) / row[
-                "prunable_bytes"
-            ]
+        add_peaks(row, variants)
     return row
+
+
+def add_peaks(row: dict[str, Any], variants: list[str]) -> None:
+    """Measure the dense and each variant's peak extra memory, each in a fresh process, into ``row``."""
+    dense_peak = _peak_in_subprocess(row["model"], "dense")
+    row["dense_peak_extra_bytes"] = dense_peak["extra"]
+    for variant in variants:
+        peak = _peak_in_subprocess(row["model"], variant)
+        row["variants"][variant]["peak_extra_bytes"] = peak["extra"]
+        extra = (peak["extra"] - dense_peak["extra"]) / row["prunable_bytes"]
+        row["variants"][variant]["peak_over_dense_in_weights"] = extra
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -348,12 +364,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--models", nargs="+", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["default", "eager", "copy"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--memory-only", action="store_true", help="measure the peaks into an existing --out")
     parser.add_argument("--peak-memory", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_overhead.json"))
     args = parser.parse_args(argv)
     if args.peak_memory:
         print(json.dumps(measure_peak(*args.peak_memory)))
         return []
+    if args.memory_only:
+        saved = json.loads(Path(args.out).read_text())
+        for row in saved["results"]:
+            if args.models is None or row["model"] in args.models:
+                add_peaks(row, list(row["variants"]))
+        Path(args.out).write_text(json.dumps(saved, indent=2))
+        table = markdown(saved["results"])
+        machine = saved["machine"]
+        Path(args.out).with_suffix(".md").write_text(
+            f"{machine['device']}, torch {machine['torch']}, {machine['rounds']} rounds\n\n" + table
+        )
+        print(table)
+        return saved["results"]
     gpu = torch.cuda.is_available()
     models = args.models or (["mlp134m", "llama", "resnet18", "resnet20"] + (["resnet50"] if gpu else []))
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
