@@ -131,27 +131,34 @@ def effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: bo
     if weight.dtype not in (torch.float32, torch.float64):
         # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
         return effective_weight(weight, threshold, soft_threshold, rescale)
-    threshold = threshold.to(weight.dtype)
-    dims = tuple(range(1, weight.ndim))  # reductions over dims, not a reshape: weights may be non-contiguous
-    if not soft_threshold:
-        magnitude = weight.abs()
-        out = weight.masked_fill(magnitude <= threshold, 0.0)
-        if not rescale:
-            return out
-        full_sum = magnitude.sum(dims, dtype=torch.float32)
-        kept_sum = magnitude.masked_fill_(magnitude <= threshold, 0.0).sum(dims, dtype=torch.float32)
-        return out.mul_(rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype))
     out = weight.abs()
-    full_sum = out.sum(dims, dtype=torch.float32) if rescale else None
-    out.sub_(threshold).clamp_(min=0)  # relu(|w| - t), in place
+    # Reductions over dims, not a reshape: weights may be non-contiguous.
+    _shrink_magnitudes(weight, out, threshold, soft_threshold, rescale, tuple(range(1, weight.ndim)))
+    return out
+
+
+def _shrink_magnitudes(
+    raw: Tensor, value: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, dims: tuple[int, ...]
+) -> None:
+    """Turn ``value``, which holds ``|raw|``, into the effective weight of ``raw`` in place (the rescale's sums over
+    ``dims``, the output channel being dim 0): the chain of :func:`effective_weight_value` and of each slice of
+    :func:`write_effective_weight`."""
+    threshold = threshold.to(raw.dtype)
+    full_sum = value.sum(dims, dtype=torch.float32) if rescale else None
+    if soft_threshold:
+        value.sub_(threshold).clamp_(min=0)  # relu(|w| - t)
+        if rescale:  # relu(|w| - t) > 0 exactly where kept
+            kept = torch.sign(value).sum(dims, dtype=torch.float32)
+            kept_sum = value.sum(dims, dtype=torch.float32) + threshold.float() * kept
+    else:
+        value.masked_fill_(value <= threshold, 0.0)
+        if rescale:
+            kept_sum = value.sum(dims, dtype=torch.float32)
+    value.copysign_(raw)  # |w| with the sign of w: w itself where kept
     if rescale:
-        kept = torch.sign(out).sum(dims, dtype=torch.float32)  # relu(|w| - t) > 0 exactly where kept
-        kept_sum = out.sum(dims, dtype=torch.float32) + threshold.float() * kept
-        scale = rescale_from_sums(full_sum, kept_sum, math.prod(weight.shape[1:]), weight.ndim, weight.dtype)
-    out.copysign_(weight)
-    if rescale:
-        out.mul_(scale)
-    return out.add_(0.0)  # -0.0 + 0.0 = +0.0: pruned entries are +0.0, as in the reference
+        scale = rescale_from_sums(full_sum, kept_sum, math.prod(raw.shape[1:]), raw.ndim, raw.dtype)  # type: ignore[arg-type]
+        value.mul_(scale)
+    value.add_(0.0)  # -0.0 + 0.0 = +0.0: pruned entries are +0.0, as in the reference
 
 
 # Elements per slice of rows in `write_effective_weight`: a slice's passes stay in the CPU's cache (4 MB of float32).
@@ -171,25 +178,10 @@ def write_effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bo
         return
     rows = weight.reshape(weight.shape[0], -1)  # a view: contiguous, or 2-D (HF Conv1D's transposed weight)
     out_rows = out.view(rows.shape)
-    count = rows.shape[1]
-    step = max(1, _SLICE_ELEMENTS // max(count, 1))
-    threshold = threshold.to(weight.dtype)
+    step = max(1, _SLICE_ELEMENTS // max(rows.shape[1], 1))
     for first in range(0, rows.shape[0], step):
         raw, value = rows[first : first + step], out_rows[first : first + step]
-        torch.abs(raw, out=value)
-        full_sum = value.sum(1, dtype=torch.float32) if rescale else None
-        if soft_threshold:
-            value.sub_(threshold).clamp_(min=0)  # relu(|w| - t)
-            if rescale:  # relu(|w| - t) > 0 exactly where kept
-                kept_sum = value.sum(1, dtype=torch.float32) + threshold.float() * torch.sign(value).sum(1)
-        else:
-            value.masked_fill_(value <= threshold, 0.0)
-            if rescale:
-                kept_sum = value.sum(1, dtype=torch.float32)
-        value.copysign_(raw)
-        if rescale:
-            value.mul_(rescale_from_sums(full_sum, kept_sum, count, 2, weight.dtype))  # type: ignore[arg-type]
-        value.add_(0.0)  # -0.0 + 0.0 = +0.0: pruned entries are +0.0, as in the reference
+        _shrink_magnitudes(raw, torch.abs(raw, out=value), threshold, soft_threshold, rescale, (1,))
 
 
 def copy_effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, out: Tensor) -> None:

@@ -61,9 +61,10 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
     ) -> Tensor:
         if torch.compiler.is_compiling():
             return effective_weight_value(weight, threshold, soft_threshold, rescale)
+        plain = _get_current_dispatch_mode() is None  # no dispatch mode: fused kernels run compiled
         if memory is not None:
             settings = (soft_threshold, rescale)
-            if _get_current_dispatch_mode() is None and not torch.is_inference_mode_enabled():
+            if plain and not torch.is_inference_mode_enabled():
                 # Detached: torch.compile gives a Parameter static shapes (one kernel per layer shape); a plain tensor
                 # gets dynamic ones (one kernel for all layers).
                 write = compiled(copy_effective_weight) if fused else write_effective_weight
@@ -75,7 +76,7 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
             reused = memory.reused(weight, (threshold,), settings)
             if reused is not None:
                 return reused
-        if fused and _get_current_dispatch_mode() is None:
+        if fused and plain:
             return compiled(effective_weight)(weight.detach(), threshold, soft_threshold, rescale)
         return effective_weight_value(weight, threshold, soft_threshold, rescale)
 

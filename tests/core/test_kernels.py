@@ -122,7 +122,10 @@ def test_callback_with_compiled_kernels_trains_like_the_eager_one() -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_compiler_that_fails_is_a_clear_error_at_setup(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def broken_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` as on a machine without a C++ compiler, with nothing compiled or probed yet."""
+
     def broken(function: Any, **kwargs: Any) -> Any:
         def fail(*args: Any) -> Any:
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
@@ -132,23 +135,17 @@ def test_a_compiler_that_fails_is_a_clear_error_at_setup(monkeypatch: pytest.Mon
     monkeypatch.setattr(kernels_module, "_COMPILED", {})
     monkeypatch.setattr(kernels_module, "_PROBED", {})
     monkeypatch.setattr(kernels_module.torch, "compile", broken)
+
+
+@pytest.mark.usefixtures("broken_compiler")
+def test_a_compiler_that_fails_is_a_clear_error_at_setup() -> None:
     pruning = ST3PruningCallback(0.8, start=0, end=5, report=False, compile_kernels=True)
     with pytest.raises(RuntimeError, match=r"`compile_kernels=True` needs torch.compile .* C\+\+ compiler.*HINT"):
         quiet_trainer(max_steps=2, callbacks=[pruning]).fit(TinyNet(), random_loader(2))
 
 
-def test_by_default_a_compiler_that_fails_means_eager_kernels_and_one_line(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def broken(function: Any, **kwargs: Any) -> Any:
-        def fail(*args: Any) -> Any:
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
-
-        return fail
-
-    monkeypatch.setattr(kernels_module, "_COMPILED", {})
-    monkeypatch.setattr(kernels_module, "_PROBED", {})
-    monkeypatch.setattr(kernels_module.torch, "compile", broken)
+@pytest.mark.usefixtures("broken_compiler")
+def test_by_default_a_compiler_that_fails_means_eager_kernels_and_one_line(caplog: pytest.LogCaptureFixture) -> None:
     runs = []
     for _ in range(2):
         pruning = ST3PruningCallback(0.8, start=0, end=5, report=False)
