@@ -24,6 +24,15 @@ divides the tiny outputs by their tiny spread, so that layer's gradient grows li
 norm, and the straight-through estimator hands that gradient to every raw weight, pruned ones included: within a few
 steps the raw weights and the threshold blow up. Clipping the gradient norm (the same for all methods) stops it.
 
+``--shrinkages`` trains ST-3 and ST-3 sigma once per shrinkage of the kept weights
+(``ST3PruningCallback(shrinkage=...)``: ``soft``, ST-3's, ``hard``, ``firm``, ``half``; same schedule, so the same
+sparsity and MACs) and writes
+``accuracy_shrinkage*`` files whose table adds the kept weights' relative distortion at the end,
+``||w_eff - w|| / ||w||`` over the kept entries of all pruned layers (``w_eff`` is what the layers compute with, the
+rescale included)::
+
+    python benchmarks/accuracy.py --methods dense st3 --shrinkages soft hard firm half   # 26 trainings, ~25 min
+
 ``--min-density-ratio`` sets ``ST3PruningCallback``'s density floor for GMP, ST-3 and ST-3 sigma (default: the
 callback's, 0.05); several values train each configuration once per value and write ``accuracy_floor*`` files whose
 table also lists the layers the floor held in any step of any seed.
@@ -51,6 +60,10 @@ from torch.utils.data import Subset
 
 from lightning_stthree import ST3PruningCallback, STRPruningCallback, sparsity_report
 from lightning_stthree.callbacks.st3 import DEFAULT_MIN_DENSITY_RATIO
+from lightning_stthree.core.layers import pruned_tensor
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.shrinkage import SHRINKAGES, shrink
+from lightning_stthree.methods.st3 import find_st3_parametrization
 from lightning_stthree.recipes.data import FashionMNISTDataModule
 from lightning_stthree.recipes.models import ImageClassifier
 
@@ -75,10 +88,14 @@ class HeldLayers(pl.Callback):
 
 
 def make_callback(
-    method: str, sparsity: float, s_init: float | None, min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO
+    method: str,
+    sparsity: float,
+    s_init: float | None,
+    min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
+    shrinkage: str = "soft",
 ) -> pl.Callback | None:
     """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training; STR uses ``s_init``;
-    the others the density floor ``min_density_ratio``)."""
+    the others the density floor ``min_density_ratio``; ST-3 and ST-3 sigma the ``shrinkage`` of kept weights)."""
     common: dict[str, Any] = {"report": False, "log_layer_sparsity": False}
     if method == "dense":
         return None
@@ -94,9 +111,9 @@ def make_callback(
     if method == "gmp":
         return ST3PruningCallback(soft_threshold=False, straight_through=False, rescale=False, **schedule)
     if method == "st3":
-        return ST3PruningCallback(**schedule)
+        return ST3PruningCallback(shrinkage=shrinkage, **schedule)
     if method == "st3_sigma":
-        return ST3PruningCallback(criterion="l1_std", **schedule)
+        return ST3PruningCallback(criterion="l1_std", shrinkage=shrinkage, **schedule)
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
@@ -150,11 +167,12 @@ def run(
     args: argparse.Namespace,
     s_init: float | None = None,
     min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
+    shrinkage: str = "soft",
 ) -> dict[str, Any]:
     """Train one configuration and measure test accuracy, sparsity and MACs (STR: ``s_init`` or the target's)."""
     if method == "str" and s_init is None:
         s_init = STR_S_INIT[sparsity]
-    callback = make_callback(method, sparsity, s_init, min_density_ratio)
+    callback = make_callback(method, sparsity, s_init, min_density_ratio, shrinkage)
     held = HeldLayers(callback) if isinstance(callback, ST3PruningCallback) else None
     model, accuracy, seconds = fit_and_test(
         [c for c in (callback, held) if c is not None],
@@ -182,21 +200,41 @@ def run(
     if held is not None:
         result["min_density_ratio"] = min_density_ratio
         result["held_layers"] = sorted(held.held)
+        result["shrinkage"] = callback.shrinkage
+        result["distortion"], result["shrinkage_distortion"] = kept_distortion(callback.layers.values())
     print(json.dumps(result), flush=True)
     return result
 
 
+@torch.no_grad()
+def kept_distortion(layers: Any) -> tuple[float, float]:
+    """``||w_eff - w|| / ||w||`` over the kept entries of all ``layers`` (pruned modules, ``w`` their raw weights):
+    with ``w_eff`` the weight the layer computes with (the rescale included), and with ``w_eff`` the shrinkage alone
+    (:func:`~lightning_stthree.methods.shrinkage.shrink` at the layer's threshold)."""
+    sums = [0.0, 0.0, 0.0]  # squared error with the rescale, without it, squared norm
+    for module in layers:
+        parametrization = find_st3_parametrization(module)
+        raw, effective = raw_weight(module).double(), pruned_tensor(module).double()
+        kept = effective != 0
+        shrunk = shrink(raw, parametrization.threshold.double(), parametrization.shrinkage, parametrization.firm_ratio)
+        sums[0] += float((effective - raw)[kept].square().sum())
+        sums[1] += float((shrunk - raw)[kept].square().sum())
+        sums[2] += float(raw[kept].square().sum())
+    return (sums[0] / sums[2]) ** 0.5, (sums[1] / sums[2]) ** 0.5
+
+
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and spread (min-max over seeds) per method and target."""
-    groups: dict[tuple[str, float | None, float | None], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str | None, float | None, float | None], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["method"], r["target"], r.get("min_density_ratio")), []).append(r)
+        groups.setdefault((r["method"], r.get("shrinkage"), r["target"], r.get("min_density_ratio")), []).append(r)
     rows = []
-    for (method, target, ratio), runs in groups.items():
+    for (method, shrinkage, target, ratio), runs in groups.items():
         accs = [r["test_acc"] for r in runs]
         rows.append(
             {
                 "method": method,
+                "shrinkage": shrinkage,
                 "target": target,
                 "min_density_ratio": ratio,
                 "held_layers": sorted({n for r in runs for n in r.get("held_layers", [])}),
@@ -209,16 +247,36 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "macs_dense": runs[0]["macs_dense"],
             }
         )
+        if shrinkage is not None:
+            rows[-1]["distortion_mean"] = statistics.mean(r["distortion"] for r in runs)
+            rows[-1]["shrinkage_distortion_mean"] = statistics.mean(r["shrinkage_distortion"] for r in runs)
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(rows, key=lambda r: (r["target"] or 0.0, order[r["method"]], r["min_density_ratio"] or 0.0))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["target"] or 0.0,
+            order[r["method"]],
+            SHRINKAGES.index(r["shrinkage"] or "soft"),
+            r["min_density_ratio"] or 0.0,
+        ),
+    )
 
 
-def markdown(rows: list[dict[str, Any]], floors: bool = False) -> str:
-    """The summary as a Markdown table (``floors``: with each row's ``min_density_ratio`` and the layers it held)."""
+def markdown(rows: list[dict[str, Any]], floors: bool = False, shrinkages: bool = False) -> str:
+    """The summary as a Markdown table (``floors``: with each row's ``min_density_ratio`` and the layers it held;
+    ``shrinkages``: with each row's shrinkage and the kept weights' distortion)."""
     extra = " min_density_ratio | layers held (any seed, any step) |" if floors else ""
+    extra += " shrinkage |" if shrinkages else ""
     lines = [
-        "| target | method |" + extra + " test acc. (mean, min-max) | sparsity | MMACs / image |",
-        "|---|---|" + ("---|---|" if floors else "") + "---|---|---|",
+        "| target | method |"
+        + extra
+        + " test acc. (mean, min-max) | sparsity | MMACs / image |"
+        + (" kept-weight distortion: shrinkage, with rescale |" if shrinkages else ""),
+        "|---|---|"
+        + ("---|---|" if floors else "")
+        + ("---|" if shrinkages else "")
+        + "---|---|---|"
+        + ("---|" if shrinkages else ""),
     ]
     for r in rows:
         target = "dense" if r["target"] is None else f"{100 * r['target']:.0f}%"
@@ -226,10 +284,18 @@ def markdown(rows: list[dict[str, Any]], floors: bool = False) -> str:
         if floors:
             ratio = "-" if r["min_density_ratio"] is None else f"{r['min_density_ratio']:g}"
             cells = f" {ratio} | {', '.join(r['held_layers']) or 'none'} |"
-        lines.append(
+        if shrinkages:
+            cells += f" {r['shrinkage'] or '-'} |"
+        line = (
             f"| {target} | {r['method']} |{cells} {100 * r['acc_mean']:.2f} ({100 * r['acc_min']:.2f}-"
             f"{100 * r['acc_max']:.2f}) | {100 * r['sparsity_mean']:.2f}% | {r['macs_sparse_mean'] / 1e6:.3f} |"
         )
+        if shrinkages:
+            if "distortion_mean" in r:
+                line += f" {r['shrinkage_distortion_mean']:.3f}, {r['distortion_mean']:.3f} |"
+            else:
+                line += " - |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +306,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_sparsity, by_macs = figure.subplots(1, 2)
     lines = sorted(
-        {(r["method"], r["min_density_ratio"]) for r in rows}, key=lambda k: (METHODS.index(k[0]), k[1] or 0)
+        {(r["method"], r["min_density_ratio"], r["shrinkage"]) for r in rows},
+        key=lambda k: (METHODS.index(k[0]), k[1] or 0, SHRINKAGES.index(k[2] or "soft")),
     )
-    several = len({ratio for _, ratio in lines if ratio is not None}) > 1
-    for method, ratio in lines:
-        points = [r for r in rows if r["method"] == method and r["min_density_ratio"] == ratio]
+    several = len({ratio for _, ratio, _ in lines if ratio is not None}) > 1
+    several_shrinkages = len({shrinkage for _, _, shrinkage in lines if shrinkage is not None}) > 1
+    for method, ratio, shrinkage in lines:
+        points = [
+            r for r in rows if r["method"] == method and r["min_density_ratio"] == ratio and r["shrinkage"] == shrinkage
+        ]
         x = [100 * r["sparsity_mean"] for r in points]
         macs = [r["macs_sparse_mean"] / 1e6 for r in points]
         acc = [100 * r["acc_mean"] for r in points]
@@ -253,6 +323,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             [100 * (r["acc_max"] - r["acc_mean"]) for r in points],
         ]
         label = f"{method}, min_density_ratio {ratio:g}" if several and ratio is not None else method
+        if several_shrinkages and shrinkage is not None:
+            label += f", {shrinkage}"
         style = {"marker": "o", "capsize": 3, "label": label}
         by_sparsity.errorbar(x, acc, yerr=errors, **style)
         by_macs.errorbar(macs, acc, yerr=errors, **style)
@@ -285,6 +357,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="ST3PruningCallback's density floor for gmp/st3/st3_sigma; several values compare them (written as "
         "accuracy_floor*)",
     )
+    parser.add_argument(
+        "--shrinkages",
+        nargs="+",
+        default=["soft"],
+        choices=SHRINKAGES,
+        help="train st3/st3_sigma once per shrinkage of the kept weights (written as accuracy_shrinkage*)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 epoch on 2,000 images, one seed, 90%% only")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -306,7 +385,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for sparsity in args.sparsities:
             for method in [m for m in args.methods if m != "dense"]:
                 ratios = [DEFAULT_MIN_DENSITY_RATIO] if method == "str" else args.min_density_ratio
-                results += [run(method, sparsity, seed, args, min_density_ratio=ratio) for ratio in ratios]
+                shrinkages = args.shrinkages if method in ("st3", "st3_sigma") else ["soft"]
+                results += [
+                    run(method, sparsity, seed, args, min_density_ratio=ratio, shrinkage=shrinkage)
+                    for ratio in ratios
+                    for shrinkage in shrinkages
+                ]
     rows = summarize(results) if not args.str_s_init else results
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU ({os.cpu_count()} cores)"
     info = {
@@ -319,6 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gradient_clip_val": args.gradient_clip_val,
         "model": MODEL,
         "min_density_ratio": args.min_density_ratio,
+        "shrinkages": args.shrinkages,
         "wall_seconds": time.perf_counter() - started,
     }
     out = Path(args.out)
@@ -327,11 +412,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floors = args.min_density_ratio != parser.get_default("min_density_ratio")
     if floors:
         name += "_floor"
+    shrinkages = args.shrinkages != parser.get_default("shrinkages")
+    if shrinkages:
+        name += "_shrinkage"
     if args.gradient_clip_val != parser.get_default("gradient_clip_val"):
         name += f"_clip{args.gradient_clip_val:g}"
     (out / f"{name}.json").write_text(json.dumps({"machine": info, "runs": results, "summary": rows}, indent=2))
     if not args.str_s_init:
-        table = markdown(rows, floors)
+        table = markdown(rows, floors, shrinkages)
         (out / f"{name}.md").write_text(f"{table}\n{info}\n")
         plot(rows, out / f"{name}.png")
         print(table)

@@ -50,6 +50,26 @@ def test_accuracy_benchmark_quick_mode_trains_every_method(tmp_path: Path) -> No
     assert (tmp_path / "accuracy_quick.png").stat().st_size > 10_000
 
 
+def test_accuracy_benchmark_compares_the_shrinkages_with_their_distortion(tmp_path: Path) -> None:
+    accuracy = _load("accuracy")
+    args = ["--quick", "--methods", "st3", "--shrinkages", "soft", "hard", "half", "--out", str(tmp_path)]
+    if not DEBIAN_FASHION_MNIST_DIR.is_dir():
+        make_tiny_idx_dataset(tmp_path / "fashion", num_train=2000, num_test=1000)
+        args += ["--data-dir", str(tmp_path / "fashion")]
+    result = accuracy.main([*args, "--train-subset", "500", "--test-subset", "200"])
+    rows = {row["shrinkage"]: row for row in result["summary"]}
+    assert set(rows) == {"soft", "hard", "half"}
+    for row in rows.values():  # the same schedule and selection: the same sparsity whatever the shrinkage
+        assert row["sparsity_mean"] == pytest.approx(0.9, abs=0.001)
+    # The shrinkage alone moves soft-thresholded kept weights by t each, hard-thresholded ones not at all.
+    assert rows["hard"]["shrinkage_distortion_mean"] == 0.0
+    assert 0.0 < rows["half"]["shrinkage_distortion_mean"] < rows["soft"]["shrinkage_distortion_mean"]
+    assert all(row["distortion_mean"] > 0 for row in rows.values())  # the rescale scales every kept weight
+    table = (tmp_path / "accuracy_quick_shrinkage.md").read_text()
+    assert "| 90% | st3 | half |" in table
+    assert "kept-weight distortion" in table
+
+
 def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> None:
     inference = _load("inference")
     out = tmp_path / "inference.json"

@@ -17,6 +17,7 @@ from torch import nn
 from typing_extensions import override
 
 import lightning_stthree.callbacks.notices as notices
+import lightning_stthree.methods.shrinkage as shrinkages
 from lightning_stthree.callbacks.base import SparseTrainingCallback
 from lightning_stthree.callbacks.macs import macs_per_weight
 from lightning_stthree.callbacks.settings import (
@@ -36,8 +37,10 @@ from lightning_stthree.methods.parametrization import raw_weight
 from lightning_stthree.methods.st3 import (
     SoftThresholdParametrization,
     find_st3_parametrization,
+    fix_masks,
     register_st3_parametrization,
     try_effective_weight_kernel,
+    zero_masked_raw_weights,
 )
 
 NONFINITE_ACTIONS: tuple[str, ...] = ("raise", "warn")
@@ -61,10 +64,11 @@ class ST3PruningCallback(SparseTrainingCallback):
         s(\mathrm{step}) = s_{\mathrm{target}}\left(1 - (1 - p)^{\mathrm{power}}\right),\quad
         p = \mathrm{clamp}\left(\frac{\mathrm{step} - \mathrm{start}}{\mathrm{end} - \mathrm{start}}, 0, 1\right).
 
-    The forward pass uses ``scale * sign(w) * max(|w| - t_layer, 0)``; gradients go straight through to the raw
-    weights, so pruned weights can come back. After ``end`` the threshold keeps being recomputed at
-    ``target_sparsity``. It is also brought up to date before each validation during fit, at the end of each training
-    epoch and at the end of training, so what is evaluated, checkpointed and handed back has the scheduled sparsity.
+    The forward pass uses ``scale * sign(w) * max(|w| - t_layer, 0)`` (or another ``shrinkage`` of kept weights);
+    gradients go straight through to the raw weights, so pruned weights can come back. After ``end`` the threshold
+    keeps being recomputed at ``target_sparsity``. It is also brought up to date before each validation during fit,
+    at the end of each training epoch and at the end of training, so what is evaluated, checkpointed and handed back
+    has the scheduled sparsity.
 
     From ``freeze_at`` on (the paper's fine-tune phase) the threshold is computed one last time, the effective weights
     are baked into the raw weights and the mask is fixed: pruned weights stay exactly zero whatever the optimizer
@@ -88,7 +92,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         power: Exponent of the ramp, ``> 0``; 3 is the paper's cubic schedule.
         criterion: ``"l1"`` ranks weights by ``|w|`` (ST-3); ``"l1_std"`` by ``|w| * sqrt(sum(w.shape))`` (ST-3
             sigma, more uniform sparsity across layers and fewer FLOPs).
-        soft_threshold: Shrink kept weights by the threshold (ST-3); ``False`` applies a hard mask.
+        soft_threshold: The older name of ``shrinkage``: ``True`` is ``"soft"``, ``False`` is ``"hard"``.
         straight_through: Gradients reach all raw weights, pruned ones included (ST-3); ``False`` lets them through
             kept weights only.
         rescale: Per-output-channel rescale that restores the magnitude removed by pruning (ST-3).
@@ -147,6 +151,10 @@ class ST3PruningCallback(SparseTrainingCallback):
             :func:`~lightning_stthree.sparsity_report` ``check_received=True`` gives the figures). ``False`` skips
             that forward pass.
         prune_tied: Prune a tied tensor (an ``lm_head`` tied to the embedding) for all its users (see *Models*).
+        shrinkage: What a kept weight becomes (:mod:`~lightning_stthree.methods.shrinkage`): ``"soft"`` (ST-3,
+            default) ``sign(w)(|w| - t)``, ``"hard"`` ``w``, ``"firm"`` linear from 0 at ``t`` to ``w`` at
+            ``firm_ratio * t``, ``"half"`` the l1/2 threshold. Pruned weights, sparsity and MACs are the same for all.
+        firm_ratio: ``mu / t`` of ``shrinkage="firm"``, ``> 1`` (default 2).
 
     Raises:
         ValueError: If an argument is out of range (e.g. ``target_sparsity=1.5``, ``start > end``).
@@ -171,7 +179,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         end: StepSpec = 0.5,
         power: float = DEFAULT_POWER,
         criterion: Literal["l1", "l1_std"] = "l1",
-        soft_threshold: bool = True,
+        soft_threshold: bool | None = None,
         straight_through: bool = True,
         rescale: bool = True,
         update_every: int = 1,
@@ -190,6 +198,8 @@ class ST3PruningCallback(SparseTrainingCallback):
         min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
         check_received: bool = True,
         prune_tied: bool = False,
+        shrinkage: Literal["soft", "hard", "firm", "half"] | None = None,
+        firm_ratio: float = shrinkages.DEFAULT_FIRM_RATIO,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)
         self.tracker = ThresholdTracker(criterion, budget, False, min_density_ratio)  # fused or not: decided in setup
@@ -206,7 +216,8 @@ class ST3PruningCallback(SparseTrainingCallback):
             report=report,
             save_plots=save_plots,
         )
-        self.soft_threshold = check_bool("soft_threshold", soft_threshold)
+        self.shrinkage = shrinkages.resolve_shrinkage(shrinkage, soft_threshold)
+        self.firm_ratio = shrinkages.check_firm_ratio(firm_ratio)
         self.straight_through = check_bool("straight_through", straight_through)
         self.rescale = check_bool("rescale", rescale)
         self.update_every = check_int("update_every", update_every, minimum=1, unit="optimizer steps")
@@ -236,6 +247,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     threshold = tracker_setting("threshold", "The global threshold of the last update, in score units.")
     sparsity = tracker_setting("sparsity", "The scheduled sparsity at the last threshold update.")
     last_update_step = tracker_setting("step", "The optimizer step of the last threshold update (-1 before any).")
+    soft_threshold = shrinkages.soft_threshold_alias()
 
     @property
     @override
@@ -255,7 +267,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     @override
     def _register(self, module: nn.Module) -> SoftThresholdParametrization:
         return register_st3_parametrization(
-            module, self.soft_threshold, self.straight_through, self.rescale, self.kernels_fused
+            module, None, self.straight_through, self.rescale, self.kernels_fused, self.shrinkage, self.firm_ratio
         )
 
     @override
@@ -314,7 +326,7 @@ class ST3PruningCallback(SparseTrainingCallback):
     ) -> None:
         # The forward pass applies the fixed mask anyway; zeroing the raw weights keeps checkpoints exact (and the
         # mask recoverable from them) whatever the optimizer did to pruned entries.
-        self._zero_pruned_raw_weights()
+        zero_masked_raw_weights(self._layers.values())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -363,8 +375,8 @@ class ST3PruningCallback(SparseTrainingCallback):
             shares = macs_per_weight(self._layer_macs, self._layers, weights, self._tied)
         try:
             threshold = self.tracker.update(weights, sparsity, step, shares)
-        except NonFiniteWeightsError as error:
-            self._on_nonfinite_weights(step, weights, error.counts)
+        except NonFiniteWeightsError as error:  # raise, or warn once and keep the last threshold (`on_nonfinite`)
+            notices.handle_nonfinite_weights(self, step, list(self._layers), weights, error.counts)
             return
         per_layer = layer_thresholds(threshold, [w.shape for w in weights], self.criterion, self.tracker.held)
         for module, layer_threshold in zip(self._layers.values(), per_layer, strict=True):
@@ -389,10 +401,6 @@ class ST3PruningCallback(SparseTrainingCallback):
     @override
     def _report_notes(self) -> list[str]:
         return super()._report_notes() + notices.held_note(self.held_layers, self.sparsity, self.min_density_ratio)
-
-    def _on_nonfinite_weights(self, step: int, weights: list[torch.Tensor], counts: dict[int, tuple[int, int]]) -> None:
-        """Raise, or warn once and keep the last threshold, as ``on_nonfinite`` says."""
-        notices.handle_nonfinite_weights(self, step, list(self._layers), weights, counts)
 
     def _update_if_weights_replaced(self, step: int) -> None:
         """Recompute at ``step`` if it was this step's threshold and the raw weights changed in place since (without an
@@ -425,23 +433,13 @@ class ST3PruningCallback(SparseTrainingCallback):
             f"ST3PruningCallback: mask frozen at step {step} (fine-tune phase), sparsity {self.sparsity:.4f}"
         )
 
-    @torch.no_grad()
     def _fix_masks(self) -> None:
         """Fine-tune mode: keep the weights whose raw value is non-zero now, under a fixed mask."""
-        for module in self._layers.values():
-            find_st3_parametrization(module).freeze(raw_weight(module) != 0)
-
-    @torch.no_grad()
-    def _zero_pruned_raw_weights(self) -> None:
-        """Undo whatever the optimizer (momentum, weight decay) did to pruned weights in the fine-tune phase."""
-        for module in self._layers.values():
-            mask = find_st3_parametrization(module).mask
-            if mask is not None:
-                raw_weight(module).masked_fill_(~mask, 0.0)
+        fix_masks(self._layers.values())
 
     @override
     def _metrics(self, step: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-        model_wide = {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold}
-        return {**model_wide, "held_layers": float(len(self.tracker.held))}, {}
+        held = float(len(self.tracker.held))
+        return {"target_sparsity": self.scheduled_sparsity(step), "threshold": self.threshold, "held_layers": held}, {}
 
     _as_misconfiguration = staticmethod(schedule_errors_as_misconfiguration)

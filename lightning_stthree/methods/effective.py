@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 from lightning_stthree.core.kernels import compiled
+from lightning_stthree.methods.shrinkage import (
+    DEFAULT_FIRM_RATIO,
+    above_threshold,
+    check_firm_ratio,
+    kept_magnitude,
+    resolve_shrinkage,
+    shrink,
+)
 
 # Both constants are the rescale of the authors' code (arXiv:2212.01076, Sec. 3.2): a small epsilon that keeps the
 # channel-mean ratio defined for all-zero channels, and the offset that bounds the scale by 1.01 / 0.01 = 101.
@@ -45,19 +53,14 @@ def channel_rescale(weight: Tensor, keep: Tensor) -> Tensor:
     return rescale_from_sums(full_sum, kept_sum, rows.shape[1], weight.ndim, weight.dtype)
 
 
-def above_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
-    """Boolean mask of the kept weights, ``|w| > t``, compared in at least float32.
-
-    Half-precision weights (``precision="bf16-true"`` / ``"16-true"``) are compared as float32, against the float32
-    threshold: every bf16/fp16 magnitude is exact in float32, so the mask is exactly the rule the global selection
-    counted with (rounding the threshold to bf16 instead could prune weights that rank above it).
-    """
-    if weight.dtype in (torch.float32, torch.float64):
-        return weight.abs() > threshold.to(weight.dtype)
-    return weight.abs().float() > threshold.float()
-
-
-def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = True, rescale: bool = True) -> Tensor:
+def effective_weight(
+    weight: Tensor,
+    threshold: Tensor,
+    soft_threshold: bool | None = None,
+    rescale: bool = True,
+    shrinkage: str | None = None,
+    firm_ratio: float = DEFAULT_FIRM_RATIO,
+) -> Tensor:
     r"""The weight the forward pass uses, given the raw weight and this layer's threshold on magnitudes.
 
     .. math::
@@ -66,41 +69,51 @@ def effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool = T
         \quad \text{(soft)}, \qquad
         w_{\mathrm{eff}} = \mathrm{scale} \cdot w \cdot \mathbb{1}[|w| > t] \quad \text{(hard)}
 
-    Entries with ``|w| <= t`` are exactly zero in both cases. Half-precision weights are thresholded and rescaled in
-    float32 and rounded back once. With ``t = 0`` the weight passes through unchanged
-    (bitwise), which is how a dense phase of the schedule is represented. Differentiable with respect to ``weight``
-    everywhere the mask is 1 (the scale is treated as a constant); :class:`SoftThresholdParametrization` swaps this
-    gradient for the straight-through one.
+    and the firm and half thresholds of :mod:`~lightning_stthree.methods.shrinkage` in place of the soft one. Entries
+    with ``|w| <= t`` are exactly zero whatever the shrinkage, and the scale (computed from the mask and the raw
+    magnitudes) is the same for all. Half-precision weights are thresholded and rescaled in float32 and rounded back
+    once. With ``t = 0`` the weight passes through unchanged (bitwise), which is how a dense phase of the schedule is
+    represented. Differentiable with respect to ``weight`` everywhere the mask is 1 (the scale is treated as a
+    constant); :class:`SoftThresholdParametrization` swaps this gradient for the straight-through one.
 
     Args:
         weight: The raw weight, output channels on dim 0.
         threshold: 0-dim tensor, this layer's threshold on ``|w|`` (``t / layer_score_factor``), ``>= 0``.
-        soft_threshold: Shrink kept weights by ``t`` (ST-3) instead of only masking (hard threshold, GMP).
+        soft_threshold: The older name of ``shrinkage`` for two of its values: ``True`` is ``"soft"``, ``False``
+            ``"hard"``; ``None`` (default) leaves it to ``shrinkage``.
         rescale: Multiply by :func:`channel_rescale`.
+        shrinkage: What a kept weight becomes: ``"soft"`` (ST-3, the default), ``"hard"``, ``"firm"`` or ``"half"``
+            (:func:`~lightning_stthree.methods.shrinkage.shrink`).
+        firm_ratio: ``mu / t`` of the firm threshold, ``> 1``.
 
     Returns:
         The effective weight, same shape and dtype as ``weight``.
+
+    Raises:
+        ValueError: If ``shrinkage`` is unknown or contradicts ``soft_threshold``, or ``firm_ratio <= 1``.
 
     Example::
 
         >>> effective_weight(torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor(0.15), rescale=False)
         tensor([[ 0.3500, -0.0500,  0.0000]])
+        >>> effective_weight(torch.tensor([[0.5, -0.2, 0.1]]), torch.tensor(0.15), rescale=False, shrinkage="firm")
+        tensor([[ 0.5000, -0.1000,  0.0000]])
     """
+    shrinkage = resolve_shrinkage(shrinkage, soft_threshold)
+    return _effective_weight(weight, threshold, shrinkage, check_firm_ratio(firm_ratio), rescale)
+
+
+def _effective_weight(weight: Tensor, threshold: Tensor, shrinkage: str, firm_ratio: float, rescale: bool) -> Tensor:
+    """:func:`effective_weight` with its shrinkage resolved (what the kernels compile)."""
     if weight.dtype in (torch.float16, torch.bfloat16):
         # In half precision `|w| - t` with `t` rounded to the weight's dtype can give 0 (or flip the sign) for a kept
         # weight just above the threshold: compute in float32 and round once.
-        return effective_weight(weight.float(), threshold, soft_threshold, rescale).to(weight.dtype)
+        return _effective_weight(weight.float(), threshold, shrinkage, firm_ratio, rescale).to(weight.dtype)
     # On rows (one per output channel): the channel statistics reduce along dim 1, and `torch.compile` fuses the
     # whole function into one kernel per weight (see `compile_kernels`).
     rows = weight.reshape(weight.shape[0], -1)
     keep = above_threshold(rows, threshold)
-    threshold = threshold.to(weight.dtype)
-    if soft_threshold:
-        # Equals sign(w) * max(|w| - t, 0) bitwise; the `where` also gives pruned entries (|w| == t included) an
-        # exactly zero gradient when autograd differentiates this function (``straight_through=False``).
-        out = torch.where(keep, rows - torch.copysign(threshold, rows), 0.0)
-    else:
-        out = torch.where(keep, rows, 0.0)
+    out = shrink(rows, threshold, shrinkage, firm_ratio, keep)
     if rescale:
         out = out * channel_rescale(rows, keep)
     return out.reshape(weight.shape)
@@ -120,32 +133,41 @@ def rescale_from_sums(full_sum: Tensor, kept_sum: Tensor, count: int, ndim: int,
     return torch.where(kept_sum == full_sum, 1.0, scale).reshape(-1, *([1] * (ndim - 1))).to(dtype)
 
 
-def effective_weight_value(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool) -> Tensor:
+def effective_weight_value(
+    weight: Tensor, threshold: Tensor, shrinkage: str, rescale: bool, firm_ratio: float = DEFAULT_FIRM_RATIO
+) -> Tensor:
     """:func:`effective_weight`'s value for when no gradient flows through it, with one large allocation.
 
     On a CPU most of the cost of an elementwise pass over a large weight is allocating its output, so the soft
     threshold is built in place in the ``|w|`` buffer: ``relu(|w| - t)`` then the sign of ``w``. Pruned entries
     are (signed) zeros. The rescale's kept sum is ``sum(relu(|w| - t)) + t * #kept`` (equal to ``sum(|w| * m)`` up to
-    float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise unchanged).
+    float rounding; exactly when ``t = 0``, so a dense layer still passes through bitwise unchanged). The firm and
+    half thresholds take a few more passes (and temporaries) than the soft and hard ones.
     """
     if weight.dtype not in (torch.float32, torch.float64):
         # In half precision relu(|w| - t) rounds too coarsely for the rescale's kept sum: use the reference.
-        return effective_weight(weight, threshold, soft_threshold, rescale)
+        return _effective_weight(weight, threshold, shrinkage, firm_ratio, rescale)
     out = weight.abs()
     # Reductions over dims, not a reshape: weights may be non-contiguous.
-    _shrink_magnitudes(weight, out, threshold, soft_threshold, rescale, tuple(range(1, weight.ndim)))
+    _shrink_magnitudes(weight, out, threshold, shrinkage, firm_ratio, rescale, tuple(range(1, weight.ndim)))
     return out
 
 
 def _shrink_magnitudes(
-    raw: Tensor, value: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, dims: tuple[int, ...]
+    raw: Tensor,
+    value: Tensor,
+    threshold: Tensor,
+    shrinkage: str,
+    firm_ratio: float,
+    rescale: bool,
+    dims: tuple[int, ...],
 ) -> None:
     """Turn ``value``, which holds ``|raw|``, into the effective weight of ``raw`` in place (the rescale's sums over
     ``dims``, the output channel being dim 0): the chain of :func:`effective_weight_value` and of each slice of
     :func:`write_effective_weight`."""
     threshold = threshold.to(raw.dtype)
     full_sum = value.sum(dims, dtype=torch.float32) if rescale else None
-    if soft_threshold:
+    if shrinkage == "soft":
         value.sub_(threshold).clamp_(min=0)  # relu(|w| - t)
         if rescale:  # relu(|w| - t) > 0 exactly where kept
             kept = torch.sign(value).sum(dims, dtype=torch.float32)
@@ -154,6 +176,8 @@ def _shrink_magnitudes(
         value.masked_fill_(value <= threshold, 0.0)
         if rescale:
             kept_sum = value.sum(dims, dtype=torch.float32)
+        if shrinkage != "hard":  # firm and half map a pruned (zeroed) entry to 0
+            value.copy_(kept_magnitude(value, threshold, shrinkage, firm_ratio))
     value.copysign_(raw)  # |w| with the sign of w: w itself where kept
     if rescale:
         scale = rescale_from_sums(full_sum, kept_sum, math.prod(raw.shape[1:]), raw.ndim, raw.dtype)  # type: ignore[arg-type]
@@ -165,7 +189,14 @@ def _shrink_magnitudes(
 _SLICE_ELEMENTS = 1 << 20
 
 
-def write_effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, out: Tensor) -> None:
+def write_effective_weight(
+    weight: Tensor,
+    threshold: Tensor,
+    shrinkage: str,
+    rescale: bool,
+    out: Tensor,
+    firm_ratio: float = DEFAULT_FIRM_RATIO,
+) -> None:
     """Write :func:`effective_weight`'s value into ``out`` (contiguous, ``weight``'s shape and dtype), eagerly.
 
     Slices of whole rows (output channels) of about 4 MB go through the chain of elementwise passes one after the
@@ -174,24 +205,33 @@ def write_effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bo
     :func:`effective_weight_value` (float rounding of the rescale's sums apart: they reduce per row the same way).
     """
     if weight.dtype not in (torch.float32, torch.float64) or (weight.ndim > 2 and not weight.is_contiguous()):
-        out.copy_(effective_weight_value(weight, threshold, soft_threshold, rescale))
+        out.copy_(effective_weight_value(weight, threshold, shrinkage, rescale, firm_ratio))
         return
     rows = weight.reshape(weight.shape[0], -1)  # a view: contiguous, or 2-D (HF Conv1D's transposed weight)
     out_rows = out.view(rows.shape)
     step = max(1, _SLICE_ELEMENTS // max(rows.shape[1], 1))
     for first in range(0, rows.shape[0], step):
         raw, value = rows[first : first + step], out_rows[first : first + step]
-        _shrink_magnitudes(raw, torch.abs(raw, out=value), threshold, soft_threshold, rescale, (1,))
+        _shrink_magnitudes(raw, torch.abs(raw, out=value), threshold, shrinkage, firm_ratio, rescale, (1,))
 
 
-def copy_effective_weight(weight: Tensor, threshold: Tensor, soft_threshold: bool, rescale: bool, out: Tensor) -> None:
+def copy_effective_weight(
+    weight: Tensor,
+    threshold: Tensor,
+    shrinkage: str,
+    rescale: bool,
+    out: Tensor,
+    firm_ratio: float = DEFAULT_FIRM_RATIO,
+) -> None:
     """``out.copy_(effective_weight(...))``: compiled (:func:`~lightning_stthree.core.kernels.compiled`), one fused
     kernel that reads ``weight`` and writes ``out``, with no intermediate tensor."""
-    out.copy_(effective_weight(weight, threshold, soft_threshold, rescale))
+    out.copy_(_effective_weight(weight, threshold, shrinkage, firm_ratio, rescale))
 
 
 def try_effective_weight_kernel(device: torch.device) -> None:
     """Compile and run the effective weight's fused kernel on a tiny tensor of ``device`` (a
     :func:`~lightning_stthree.core.kernels.build_failure` trial)."""
     one = torch.ones((), device=device)
-    compiled(copy_effective_weight)(torch.ones(2, 4, device=device), one, True, True, torch.empty(2, 4, device=device))
+    compiled(copy_effective_weight)(
+        torch.ones(2, 4, device=device), one, "soft", True, torch.empty(2, 4, device=device)
+    )

@@ -9,6 +9,7 @@ threshold buffer and the memory its effective weight is written into, and choose
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from lightning_stthree.core.layers import output_dim
 from lightning_stthree.methods.effective import (  # noqa: F401 (re-exported: the public names live here too)
     RESCALE_EPSILON,
     RESCALE_OFFSET,
+    _effective_weight,
     above_threshold,
     channel_rescale,
     copy_effective_weight,
@@ -34,7 +36,14 @@ from lightning_stthree.methods.memory import ReusedWeightMemory
 from lightning_stthree.methods.parametrization import (
     SparseParametrization,
     find_sparse_parametrization,
+    raw_weight,
     register_sparse_parametrization,
+)
+from lightning_stthree.methods.shrinkage import (
+    DEFAULT_FIRM_RATIO,
+    check_firm_ratio,
+    resolve_shrinkage,
+    soft_threshold_alias,
 )
 
 
@@ -54,22 +63,26 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
         ctx: object,
         weight: Tensor,
         threshold: Tensor,
-        soft_threshold: bool,
+        shrinkage: str,
+        firm_ratio: float,
         rescale: bool,
         fused: bool,
         memory: ReusedWeightMemory | None,
     ) -> Tensor:
         if torch.compiler.is_compiling():
-            return effective_weight_value(weight, threshold, soft_threshold, rescale)
+            return effective_weight_value(weight, threshold, shrinkage, rescale, firm_ratio)
         plain = _get_current_dispatch_mode() is None  # no dispatch mode: fused kernels run compiled
         if memory is not None:
-            settings = (soft_threshold, rescale)
+            settings = (shrinkage, rescale, firm_ratio)
             if plain and not torch.is_inference_mode_enabled():
                 # Detached: torch.compile gives a Parameter static shapes (one kernel per layer shape); a plain tensor
                 # gets dynamic ones (one kernel for all layers).
                 write = compiled(copy_effective_weight) if fused else write_effective_weight
                 return memory.value(
-                    weight, (threshold,), settings, lambda raw, out: write(raw.detach(), threshold, *settings, out)
+                    weight,
+                    (threshold,),
+                    settings,
+                    lambda raw, out: write(raw.detach(), threshold, shrinkage, rescale, out, firm_ratio),
                 )
             # Under a dispatch mode (FLOP counting, the end-of-fit check; fused kernels run eagerly there, with other
             # float rounding) or in inference mode: the value already built, else one built here and not kept.
@@ -77,12 +90,12 @@ class _StraightThroughEffectiveWeight(torch.autograd.Function):
             if reused is not None:
                 return reused
         if fused and plain:
-            return compiled(effective_weight)(weight.detach(), threshold, soft_threshold, rescale)
-        return effective_weight_value(weight, threshold, soft_threshold, rescale)
+            return compiled(_effective_weight)(weight.detach(), threshold, shrinkage, firm_ratio, rescale)
+        return effective_weight_value(weight, threshold, shrinkage, rescale, firm_ratio)
 
     @staticmethod
-    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor, None, None, None, None, None]:
-        return grad_output, None, None, None, None, None
+    def backward(ctx: object, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        return grad_output, None, None, None, None, None, None
 
 
 class SoftThresholdParametrization(SparseParametrization):
@@ -97,7 +110,8 @@ class SoftThresholdParametrization(SparseParametrization):
     gradients through kept weights only.
 
     Args:
-        soft_threshold: Soft threshold (ST-3) instead of a hard mask.
+        soft_threshold: The older name of ``shrinkage``: ``True`` is ``"soft"``, ``False`` is ``"hard"`` (``None``:
+            leave it to ``shrinkage``). Read back, whether the shrinkage is ``"soft"``.
         straight_through: Gradients reach every raw weight unchanged, pruned ones included, so pruned weights can
             grow back (ST-3). ``False`` lets gradients through kept weights only (times the rescale).
         rescale: Per-output-channel rescale of :func:`channel_rescale`.
@@ -111,6 +125,12 @@ class SoftThresholdParametrization(SparseParametrization):
             (:class:`~lightning_stthree.methods.memory.ReusedWeightMemory`: never overwritten while a graph holds it).
             Holds one effective weight per layer between steps (1x the pruned weights). The callback turns it off for
             weights sharded by FSDP2.
+        shrinkage: What a kept weight becomes (:mod:`~lightning_stthree.methods.shrinkage`): ``"soft"`` (ST-3's
+            default), ``"hard"``, ``"firm"`` or ``"half"``. The pruned set, ``|w| <= t_layer``, is the same for all.
+        firm_ratio: ``mu / t`` of the firm threshold, ``> 1``.
+
+    Raises:
+        ValueError: If ``shrinkage`` is unknown or contradicts ``soft_threshold``, or ``firm_ratio <= 1``.
 
     Example::
 
@@ -124,20 +144,24 @@ class SoftThresholdParametrization(SparseParametrization):
     mask: Tensor | None
     out_dim: int = 0  # class defaults: parametrizations pickled by 0.1 have no such attributes
     reuse_memory: bool = True
+    firm_ratio: float = DEFAULT_FIRM_RATIO
 
     def __init__(
         self,
-        soft_threshold: bool = True,
+        soft_threshold: bool | None = None,
         straight_through: bool = True,
         rescale: bool = True,
         compile_kernels: bool = False,
         out_dim: int = 0,
         reuse_memory: bool = True,
+        shrinkage: str | None = None,
+        firm_ratio: float = DEFAULT_FIRM_RATIO,
     ) -> None:
         super().__init__()
         self.reuse_memory = reuse_memory
         self.memory = ReusedWeightMemory()
-        self.soft_threshold = soft_threshold
+        self.shrinkage = resolve_shrinkage(shrinkage, soft_threshold)
+        self.firm_ratio = check_firm_ratio(firm_ratio)
         self.straight_through = straight_through
         self.rescale = rescale
         self.compile_kernels = compile_kernels
@@ -146,12 +170,25 @@ class SoftThresholdParametrization(SparseParametrization):
         self.register_buffer("mask", None, persistent=False)
 
     @property
+    def shrinkage(self) -> str:
+        """What a kept weight becomes: ``"soft"``, ``"hard"``, ``"firm"`` or ``"half"``."""
+        # A parametrization pickled by 0.1 holds only its `soft_threshold` flag.
+        found = vars(self).get("_shrinkage")
+        return found if found is not None else resolve_shrinkage(None, vars(self).get("soft_threshold", True))
+
+    @shrinkage.setter
+    def shrinkage(self, value: str) -> None:
+        vars(self)["_shrinkage"] = resolve_shrinkage(value)
+
+    soft_threshold = soft_threshold_alias()
+
+    @property
     def frozen(self) -> bool:
         """Whether a fixed mask replaces the threshold (fine-tune phase)."""
         return self.mask is not None
 
     def pruned(self, weight: Tensor) -> Tensor:
-        """``|w| <= t_layer`` (exactly where the soft and hard thresholds give zero; the rescale is >= 1), or, in the
+        """``|w| <= t_layer`` (exactly where every shrinkage gives zero; the rescale is >= 1), or, in the
         fine-tune phase, the zeros of ``where(mask, w, 0)`` (masked entries and kept weights that are exactly 0)."""
         if self.mask is not None:
             return torch.where(self._mask_like(weight), weight, 0.0) == 0
@@ -210,9 +247,9 @@ class SoftThresholdParametrization(SparseParametrization):
         if self.straight_through:
             memory = self._memory() if self.reuse_memory and not is_dtensor(weight) else None
             return _StraightThroughEffectiveWeight.apply(
-                weight, self.threshold, self.soft_threshold, self.rescale, self.compile_kernels, memory
+                weight, self.threshold, self.shrinkage, self.firm_ratio, self.rescale, self.compile_kernels, memory
             )
-        return effective_weight(weight, self.threshold, self.soft_threshold, self.rescale)
+        return _effective_weight(weight, self.threshold, self.shrinkage, self.firm_ratio, self.rescale)
 
     @override
     def forget_values(self) -> None:
@@ -226,11 +263,13 @@ class SoftThresholdParametrization(SparseParametrization):
         return memory
 
     def _settings(self) -> tuple[Any, ...]:
-        return self.soft_threshold, self.straight_through, self.rescale, self.compile_kernels, self.out_dim
+        return self.shrinkage, self.firm_ratio, self.straight_through, self.rescale, self.compile_kernels, self.out_dim
 
     def extra_repr(self) -> str:
         flags = (
-            f"soft_threshold={self.soft_threshold}, straight_through={self.straight_through}, rescale={self.rescale}"
+            f"shrinkage={self.shrinkage!r}"
+            + (f", firm_ratio={self.firm_ratio:g}" if self.shrinkage == "firm" else "")
+            + f", straight_through={self.straight_through}, rescale={self.rescale}"
             + (", compile_kernels=True" if self.compile_kernels else "")
             + (f", out_dim={self.out_dim}" if self.out_dim else "")
         )
@@ -245,10 +284,12 @@ def find_st3_parametrization(module: nn.Module) -> SoftThresholdParametrization 
 
 def register_st3_parametrization(
     module: nn.Module,
-    soft_threshold: bool = True,
+    soft_threshold: bool | None = None,
     straight_through: bool = True,
     rescale: bool = True,
     compile_kernels: bool = False,
+    shrinkage: str | None = None,
+    firm_ratio: float = DEFAULT_FIRM_RATIO,
 ) -> SoftThresholdParametrization:
     """Put the ST-3 parametrization on ``module.weight`` (or update the flags of the one already there).
 
@@ -260,6 +301,8 @@ def register_st3_parametrization(
         straight_through: See :class:`SoftThresholdParametrization`.
         rescale: See :class:`SoftThresholdParametrization`.
         compile_kernels: See :class:`SoftThresholdParametrization`.
+        shrinkage: See :class:`SoftThresholdParametrization`.
+        firm_ratio: See :class:`SoftThresholdParametrization`.
 
     Returns:
         The parametrization, whose ``threshold`` buffer the caller sets.
@@ -268,9 +311,27 @@ def register_st3_parametrization(
         ValueError: If ``module.weight`` already carries another parametrization.
     """
     existing = register_sparse_parametrization(module, SoftThresholdParametrization())
-    existing.soft_threshold = soft_threshold
+    existing.shrinkage = resolve_shrinkage(shrinkage, soft_threshold)
+    existing.firm_ratio = check_firm_ratio(firm_ratio)
     existing.straight_through = straight_through
     existing.rescale = rescale
     existing.compile_kernels = compile_kernels
     existing.out_dim = output_dim(module)
     return existing
+
+
+@torch.no_grad()
+def fix_masks(modules: Iterable[nn.Module]) -> None:
+    """Start the fine-tune phase of each ST-3 layer in ``modules``: a fixed mask keeps the weights whose raw value is
+    non-zero now (:meth:`SoftThresholdParametrization.freeze`)."""
+    for module in modules:
+        find_st3_parametrization(module).freeze(raw_weight(module) != 0)
+
+
+@torch.no_grad()
+def zero_masked_raw_weights(modules: Iterable[nn.Module]) -> None:
+    """Zero the raw weights the fixed masks of ``modules`` prune (undoing what momentum or weight decay did to them)."""
+    for module in modules:
+        mask = find_st3_parametrization(module).mask
+        if mask is not None:
+            raw_weight(module).masked_fill_(~mask, 0.0)

@@ -13,10 +13,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stthree import ST3PruningCallback, sparsity_report
+from lightning_stthree import ST3PruningCallback, effective_weight, sparsity_report
 from lightning_stthree.core import registry
 from lightning_stthree.core.layers import layer_type
 from lightning_stthree.methods.measure import received_sparsity
+from lightning_stthree.methods.parametrization import raw_weight
+from lightning_stthree.methods.st3 import find_st3_parametrization
 
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -59,10 +61,10 @@ def _token_loader(steps: int) -> DataLoader:
     return DataLoader(TensorDataset(ids), batch_size=2)
 
 
-def _fit_lm(model: torch.nn.Module, steps: int = 6) -> tuple[CausalLM, ST3PruningCallback]:
+def _fit_lm(model: torch.nn.Module, steps: int = 6, **kwargs: Any) -> tuple[CausalLM, ST3PruningCallback]:
     torch.manual_seed(0)
     module = CausalLM(model)
-    callback = ST3PruningCallback(0.8, start=0, end=4, report=False)
+    callback = ST3PruningCallback(0.8, start=0, end=4, report=False, **kwargs)
     quiet_trainer(max_steps=steps, callbacks=[callback]).fit(module, _token_loader(steps))
     return module, callback
 
@@ -88,6 +90,22 @@ def test_gpt2_conv1d_layers_reach_the_target_in_what_the_ops_receive_and_the_tie
     assert "model.lm_head" not in callback.layers
     row = next(r for r in sparsity_report(module) if r["name"] == "model.lm_head")
     assert row["pruned"] is False
+
+
+@pytest.mark.parametrize("shrinkage", ["firm", "half"])
+def test_gpt2_conv1d_layers_with_an_l0_like_shrinkage_receive_the_zeros_and_the_shrunk_weights(shrinkage: str) -> None:
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=TOKENS)
+    with pytest.warns(UserWarning, match="leaves"):  # the tied lm_head stays dense
+        module, callback = _fit_lm(transformers.GPT2LMHeadModel(config), shrinkage=shrinkage)
+    # The matrix products receive exactly the zeros the callback counts, at the target.
+    assert _block_zeros(module, callback) == pytest.approx(callback.measure_sparsity()[1], abs=1e-12)
+    assert callback.measure_sparsity()[0] == pytest.approx(0.8, abs=1e-3)
+    attention = module.model.transformer.h[0].attn.c_attn  # weight (in, out): output channels on dim 1
+    parametrization = find_st3_parametrization(attention)
+    assert (parametrization.out_dim, parametrization.shrinkage) == (1, shrinkage)
+    raw = raw_weight(attention).detach()
+    expected = effective_weight(raw.t(), parametrization.threshold, shrinkage=shrinkage).t()
+    torch.testing.assert_close(attention.weight.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
 class _EmbeddingTables(TorchDispatchMode):

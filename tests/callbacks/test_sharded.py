@@ -136,6 +136,20 @@ def test_fsdp_flops_budget_matches_the_single_process_run(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_fsdp_with_the_half_threshold_matches_the_single_process_run(tmp_path: Path) -> None:
+    # The l1/2 threshold of the kept weights, thresholded shard by shard under FSDP2 (its own fit: ramp and freeze).
+    (single,) = _train(tmp_path / "single", "single", "--shrinkage", "half")
+    ranks = _train(tmp_path / "fsdp", "fsdp", "--shrinkage", "half")
+    assert all(all(r["sharded"].values()) for r in ranks)
+    for step, value in single["thresholds"].items():
+        assert ranks[0]["thresholds"][step] == pytest.approx(value, rel=1e-5, abs=0)
+    assert ranks[0]["sparsity"][0] == pytest.approx(0.8, abs=1e-4)
+    for name, value in single["effective"].items():
+        assert torch.equal(ranks[0]["effective"][name] == 0, value == 0), name
+        torch.testing.assert_close(ranks[0]["effective"][name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "step"), [("fsdp", 4), ("fsdp", 12), ("ddp", 8)])
 def test_resume_ends_equal_to_the_uninterrupted_run(
     runs: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path, strategy: str, step: int

@@ -28,17 +28,22 @@ def _weights(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize(("soft_threshold", "rescale"), [(True, True), (False, True), (True, False), (False, False)])
-def test_fused_effective_weight_is_the_eager_one(dtype: torch.dtype, soft_threshold: bool, rescale: bool) -> None:
+@pytest.mark.parametrize(
+    ("shrinkage", "rescale"),
+    [("soft", True), ("hard", True), ("soft", False), ("hard", False), ("firm", True), ("half", True), ("half", False)],
+)
+def test_fused_effective_weight_is_the_eager_one(dtype: torch.dtype, shrinkage: str, rescale: bool) -> None:
     for weight in _weights(dtype):
         raw = nn.Parameter(weight)
         for threshold in (torch.tensor(0.0), torch.tensor(0.06)):
             layer = nn.Module()
             layer.weight = raw
-            parametrization = register_st3_parametrization(layer, soft_threshold, rescale=rescale, compile_kernels=True)
+            parametrization = register_st3_parametrization(
+                layer, rescale=rescale, compile_kernels=True, shrinkage=shrinkage
+            )
             parametrization.threshold.copy_(threshold)
             fused = layer.weight
-            expected = effective_weight(weight, threshold, soft_threshold, rescale)
+            expected = effective_weight(weight, threshold, rescale=rescale, shrinkage=shrinkage)
             assert fused.dtype == dtype
             assert fused.shape == weight.shape
             # Exactly the same entries are zero; values agree to float rounding (sums reduce in another order).

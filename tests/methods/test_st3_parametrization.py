@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_stthree import SoftThresholdParametrization, channel_rescale, effective_weight
+from lightning_stthree.methods.shrinkage import SHRINKAGES
 from lightning_stthree.methods.st3 import SparseParametrization, register_sparse_parametrization
 from lightning_stthree.methods.str import STRParametrization
 
@@ -49,12 +50,13 @@ def test_rescale_is_per_output_channel_of_a_conv_weight() -> None:
         torch.testing.assert_close(scale[c].flatten(), (1.01 / (r + 0.01)).reshape(1))
 
 
-@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("shrinkage", SHRINKAGES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_zero_threshold_is_exact_identity(soft_threshold: bool, dtype: torch.dtype) -> None:
+def test_zero_threshold_is_exact_identity(shrinkage: str, dtype: torch.dtype) -> None:
     w = torch.randn(8, 5, 3, dtype=torch.float32).to(dtype)
     w[0, 0, 0] = 0.0
-    out = effective_weight(w, torch.tensor(0.0), soft_threshold=soft_threshold, rescale=True)
+    w[1, 0, 0] = 1e30 if dtype in (torch.float32, torch.float64) else 1e4
+    out = effective_weight(w, torch.tensor(0.0), rescale=True, shrinkage=shrinkage)
     assert out.dtype == dtype
     assert torch.equal(out, w)
 
@@ -112,7 +114,7 @@ def test_parametrization_state_and_repr() -> None:
     keys = set(layer.state_dict())
     assert keys == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.threshold"}
     assert [n for n, _ in layer.named_parameters()] == ["bias", "parametrizations.weight.original"]
-    assert "soft_threshold=True, straight_through=True, rescale=True" in repr(layer)
+    assert "shrinkage='soft', straight_through=True, rescale=True" in repr(layer)
 
 
 @pytest.mark.parametrize("soft_threshold", [True, False])
@@ -130,21 +132,19 @@ def test_weight_exactly_at_the_threshold_is_pruned_and_gets_no_gradient_without_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("shrinkage", SHRINKAGES)
 @pytest.mark.parametrize("rescale", [True, False])
-def test_straight_through_forward_matches_the_reference(
-    dtype: torch.dtype, soft_threshold: bool, rescale: bool
-) -> None:
+def test_straight_through_forward_matches_the_reference(dtype: torch.dtype, shrinkage: str, rescale: bool) -> None:
     # The straight-through forward is computed in place, with fewer kernels: same zeros, same values up to rounding
     # of the rescale's sums, and bitwise the identity at threshold 0.
     generator = torch.Generator().manual_seed(0)
     for shape in [(16, 3, 3, 3), (10, 64), (4, 2, 5)]:
         w = torch.randn(shape, generator=generator).to(dtype)
-        param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=True, rescale=rescale)
+        param = SoftThresholdParametrization(straight_through=True, rescale=rescale, shrinkage=shrinkage)
         for t in (0.0, 0.3, 0.8):
             param.threshold.fill_(t)
             got = param(w)
-            expected = effective_weight(w, torch.tensor(t), soft_threshold, rescale)
+            expected = effective_weight(w, torch.tensor(t), rescale=rescale, shrinkage=shrinkage)
             assert got.dtype == dtype
             assert torch.equal(got == 0, expected == 0)
             tolerance = {"rtol": 1e-6, "atol": 0} if dtype in (torch.float32, torch.float64) else {}
@@ -153,19 +153,19 @@ def test_straight_through_forward_matches_the_reference(
                 assert torch.equal(got, w)
 
 
-@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("shrinkage", SHRINKAGES)
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "contiguous"])
-def test_straight_through_forward_on_non_contiguous_weights(soft_threshold: bool, layout: str) -> None:
+def test_straight_through_forward_on_non_contiguous_weights(shrinkage: str, layout: str) -> None:
     generator = torch.Generator().manual_seed(1)
     w = torch.randn(4, 3, 3, 3, generator=generator)
     if layout == "channels_last":
         w = w.to(memory_format=torch.channels_last)
     elif layout == "transposed":
         w = torch.randn(4, 5, 3, generator=generator).transpose(1, 2)
-    param = SoftThresholdParametrization(soft_threshold=soft_threshold, straight_through=True, rescale=True)
+    param = SoftThresholdParametrization(straight_through=True, rescale=True, shrinkage=shrinkage)
     param.threshold.fill_(0.5)
     got = param(w)
-    expected = effective_weight(w.contiguous(), torch.tensor(0.5), soft_threshold, rescale=True)
+    expected = effective_weight(w.contiguous(), torch.tensor(0.5), rescale=True, shrinkage=shrinkage)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert not torch.signbit(got[got == 0]).any()  # pruned entries are +0.0, as in the reference
 

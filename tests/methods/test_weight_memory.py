@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_stthree import ST3PruningCallback, effective_weight, register_st3_parametrization
 from lightning_stthree.methods.memory import ReusedWeightMemory
+from lightning_stthree.methods.shrinkage import SHRINKAGES
 from lightning_stthree.methods.st3 import SoftThresholdParametrization, write_effective_weight
 
 
@@ -68,25 +69,26 @@ def test_the_memory_reuses_a_value_until_an_input_changes_and_never_overwrites_a
     assert memory.nbytes == weight.nbytes
 
 
-@pytest.mark.parametrize("soft_threshold", [True, False])
+@pytest.mark.parametrize("shrinkage", SHRINKAGES)
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("shape", [(30, 50), (8, 3, 3, 3), (700, 3000)])  # the last one is sliced (> 1M elements)
 def test_the_sliced_eager_writer_gives_the_reference_effective_weight(
-    shape: tuple[int, ...], soft_threshold: bool, rescale: bool
+    shape: tuple[int, ...], shrinkage: str, rescale: bool
 ) -> None:
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
     for threshold in (torch.tensor(0.0), torch.tensor(0.04)):
         out = torch.full_like(weight, float("nan"))
-        write_effective_weight(weight, threshold, soft_threshold, rescale, out)
-        expected = effective_weight(weight, threshold, soft_threshold, rescale)
+        write_effective_weight(weight, threshold, shrinkage, rescale, out)
+        expected = effective_weight(weight, threshold, rescale=rescale, shrinkage=shrinkage)
         assert torch.equal(out == 0, expected == 0)
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
         if threshold == 0:
             assert torch.equal(out, weight)  # a dense layer passes through bitwise
     transposed = weight.reshape(shape[0], -1).t()  # HF Conv1D's weight, output channels moved to dim 0: a view
     out = torch.empty(transposed.shape)
-    write_effective_weight(transposed, torch.tensor(0.04), soft_threshold, rescale, out)
-    torch.testing.assert_close(out, effective_weight(transposed, torch.tensor(0.04), soft_threshold, rescale))
+    write_effective_weight(transposed, torch.tensor(0.04), shrinkage, rescale, out)
+    expected = effective_weight(transposed, torch.tensor(0.04), rescale=rescale, shrinkage=shrinkage)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -8,6 +8,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_stthree import ST3PruningCallback
+from lightning_stthree.methods.st3 import find_st3_parametrization
 
 CONFIG = """
 trainer:
@@ -47,6 +48,18 @@ def test_callback_from_yaml(tmp_path: Path) -> None:
     assert cb.measure_sparsity()[0] == pytest.approx(0.8, abs=0.005)
 
 
+def test_the_shrinkage_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        CONFIG.replace("criterion: l1_std", "criterion: l1_std\n        shrinkage: firm\n        firm_ratio: 3")
+    )
+    cli = LightningCLI(TinyNet, RandomData, args=["fit", "--config", str(config)], save_config_callback=None)
+    (cb,) = (c for c in cli.trainer.callbacks if isinstance(c, ST3PruningCallback))
+    assert (cb.shrinkage, cb.firm_ratio, cb.soft_threshold) == ("firm", 3.0, False)
+    parametrization = find_st3_parametrization(cli.model.conv)
+    assert (parametrization.shrinkage, parametrization.firm_ratio) == ("firm", 3.0)
+
+
 ADD = "criterion: l1_std"  # a line of CONFIG after which a case adds an argument
 
 
@@ -66,13 +79,24 @@ ADD = "criterion: l1_std"  # a line of CONFIG after which a case adds an argumen
         ),
         ("start: 1", "start: two", ['Parser key "start"', "Given value: two"]),
         ('exclude: ["fc"]', "exclude: fc", ['Parser key "exclude"', "Expected a <class 'list'>", "Given value: fc"]),
-        (ADD, f"{ADD}\n        soft_threshold: maybe", ['Parser key "soft_threshold"', "Got value: maybe"]),
+        (ADD, f"{ADD}\n        soft_threshold: maybe", ['Parser key "soft_threshold"', "Given value: maybe"]),
+        (
+            ADD,
+            f"{ADD}\n        shrinkage: l0",
+            ["Expected a typing.Literal['soft', 'hard', 'firm', 'half']", "Given value: l0"],
+        ),
         # Well-typed values the callback rejects: its own message, word for word.
         ("target_sparsity: 0.8", "target_sparsity: 1.5", ["`target_sparsity` must be in [0, 1), got 1.5"]),
         ("start: 1", "start: -1", ["`start` must be >= 0 optimizer steps, got -1"]),
         ("end: 0.5", "end: 1.5", ["`end` as a float is a fraction of the run and must be in [0, 1], got 1.5"]),
         (ADD, f"{ADD}\n        power: 0", ["`power` must be in (0, inf), got 0.0"]),
         (ADD, f"{ADD}\n        update_every: 0", ["`update_every` must be an int >= 1 (optimizer steps), got 0"]),
+        (ADD, f"{ADD}\n        firm_ratio: 1", ["`firm_ratio` must be in (1, inf), got 1"]),
+        (
+            ADD,
+            f"{ADD}\n        shrinkage: half\n        soft_threshold: false",
+            ["`soft_threshold=False` contradicts `shrinkage='half'`"],
+        ),
         ("Conv2d, Linear]", "Conv2d, LSTM]", ["`include_types` has unknown layer types ['LSTM']"]),
         (ADD, f"{ADD}\n        input_shape: [1, 3, 0]", ["`input_shape` must be a list of positive ints"]),
     ],

@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", action="store_true")
     parser.add_argument("--method", choices=["st3", "str"], default="st3")
     parser.add_argument("--make-permanent", action="store_true")
+    parser.add_argument("--shrinkage", default="soft")
     parser.add_argument("--full-checkpoint", action="store_true", help="FSDP2 saves one full checkpoint file")
     args = parser.parse_args()
 
@@ -129,7 +130,11 @@ def main() -> None:
         callbacks: list[pl.Callback] = [STRPruningCallback(s_init=-3.0)]
     else:
         callback = ST3PruningCallback(
-            **SCHEDULE, budget=args.budget, report=True, make_permanent_at_end=args.make_permanent
+            **SCHEDULE,
+            budget=args.budget,
+            report=True,
+            make_permanent_at_end=args.make_permanent,
+            shrinkage=args.shrinkage,
         )
         callbacks = [callback]
     if args.checkpoints:
