@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_stthree.core.checks import check_choice, check_number
+from lightning_stthree.core.checks import check_bool, check_choice, check_number
 
 Shrinkage = Literal["soft", "hard", "firm", "half"]
 SHRINKAGES: tuple[str, ...] = ("soft", "hard", "firm", "half")
@@ -59,8 +59,7 @@ def resolve_shrinkage(shrinkage: object, soft_threshold: object = None) -> str:
         >>> resolve_shrinkage(None, False)
         'hard'
     """
-    if soft_threshold is not None and not isinstance(soft_threshold, bool):
-        raise TypeError(f"`soft_threshold` must be a bool or None, got {soft_threshold!r}")
+    check_bool("soft_threshold", soft_threshold, allow_none=True)
     if shrinkage is None:
         return "hard" if soft_threshold is False else "soft"
     check_choice("shrinkage", shrinkage, SHRINKAGES)

@@ -165,7 +165,7 @@ def test_the_old_flag_is_an_alias_and_contradictions_are_refused() -> None:
         resolve_shrinkage("firm", False)
     with pytest.raises(ValueError, match=r"`shrinkage` must be one of \('soft', 'hard', 'firm', 'half'\), got 'l0'"):
         effective_weight(torch.ones(2, 2), torch.tensor(0.5), shrinkage="l0")
-    with pytest.raises(TypeError, match=r"`soft_threshold` must be a bool or None, got 'yes'"):
+    with pytest.raises(TypeError, match=r"`soft_threshold` must be True, False or None, got 'yes'"):
         resolve_shrinkage(None, "yes")
     with pytest.raises(ValueError, match=r"`firm_ratio` must be in \(1, inf\), got 1"):
         effective_weight(torch.ones(2, 2), torch.tensor(0.5), shrinkage="firm", firm_ratio=1)
