@@ -32,6 +32,7 @@ sparsity and MACs) and writes
 rescale included)::
 
     python benchmarks/accuracy.py --methods dense st3 --shrinkages soft hard firm half   # 26 trainings, ~25 min
+    python benchmarks/accuracy.py --methods st3 --shrinkages soft hard firm half --sparsities 0.98 --no-rescale
 
 ``--min-density-ratio`` sets ``ST3PruningCallback``'s density floor for GMP, ST-3 and ST-3 sigma (default: the
 callback's, 0.05); several values train each configuration once per value and write ``accuracy_floor*`` files whose
@@ -93,6 +94,7 @@ def make_callback(
     s_init: float | None,
     min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
     shrinkage: str = "soft",
+    rescale: bool = True,
 ) -> pl.Callback | None:
     """The sparse-training callback of ``method`` at ``sparsity`` (``None`` for dense training; STR uses ``s_init``;
     the others the density floor ``min_density_ratio``; ST-3 and ST-3 sigma the ``shrinkage`` of kept weights)."""
@@ -111,9 +113,9 @@ def make_callback(
     if method == "gmp":
         return ST3PruningCallback(soft_threshold=False, straight_through=False, rescale=False, **schedule)
     if method == "st3":
-        return ST3PruningCallback(shrinkage=shrinkage, **schedule)
+        return ST3PruningCallback(shrinkage=shrinkage, rescale=rescale, **schedule)
     if method == "st3_sigma":
-        return ST3PruningCallback(criterion="l1_std", shrinkage=shrinkage, **schedule)
+        return ST3PruningCallback(criterion="l1_std", shrinkage=shrinkage, rescale=rescale, **schedule)
     raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
 
 
@@ -172,7 +174,7 @@ def run(
     """Train one configuration and measure test accuracy, sparsity and MACs (STR: ``s_init`` or the target's)."""
     if method == "str" and s_init is None:
         s_init = STR_S_INIT[sparsity]
-    callback = make_callback(method, sparsity, s_init, min_density_ratio, shrinkage)
+    callback = make_callback(method, sparsity, s_init, min_density_ratio, shrinkage, not args.no_rescale)
     held = HeldLayers(callback) if isinstance(callback, ST3PruningCallback) else None
     model, accuracy, seconds = fit_and_test(
         [c for c in (callback, held) if c is not None],
@@ -364,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         choices=SHRINKAGES,
         help="train st3/st3_sigma once per shrinkage of the kept weights (written as accuracy_shrinkage*)",
     )
+    parser.add_argument(
+        "--no-rescale", action="store_true", help="st3/st3_sigma without the channel rescale (written as *_norescale)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 epoch on 2,000 images, one seed, 90%% only")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -404,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": MODEL,
         "min_density_ratio": args.min_density_ratio,
         "shrinkages": args.shrinkages,
+        "rescale": not args.no_rescale,
         "wall_seconds": time.perf_counter() - started,
     }
     out = Path(args.out)
@@ -415,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shrinkages = args.shrinkages != parser.get_default("shrinkages")
     if shrinkages:
         name += "_shrinkage"
+    if args.no_rescale:
+        name += "_norescale"
     if args.gradient_clip_val != parser.get_default("gradient_clip_val"):
         name += f"_clip{args.gradient_clip_val:g}"
     (out / f"{name}.json").write_text(json.dumps({"machine": info, "runs": results, "summary": rows}, indent=2))
