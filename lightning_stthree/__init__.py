@@ -17,7 +17,12 @@ This namespace holds what a user calls; everything else is importable from its o
 from typing import Any
 
 from lightning_stthree import _moved
-from lightning_stthree.callbacks import SparseTrainingCallback, ST3PruningCallback, STRPruningCallback
+from lightning_stthree.callbacks import (
+    ActivationSparsityCallback,
+    SparseTrainingCallback,
+    ST3PruningCallback,
+    STRPruningCallback,
+)
 from lightning_stthree.core.layers import find_prunable_layers
 from lightning_stthree.core.schedule import cubic_sparsity
 from lightning_stthree.core.selection import NonFiniteScoresError
@@ -35,6 +40,7 @@ from lightning_stthree.methods.str import STRParametrization, register_str_param
 from lightning_stthree.report import format_report, sparsity_report
 
 __all__ = [
+    "ActivationSparsityCallback",
     "NonFiniteScoresError",
     "ST3PruningCallback",
     "STRParametrization",
