@@ -70,6 +70,15 @@ def test_accuracy_benchmark_compares_the_shrinkages_with_their_distortion(tmp_pa
     assert "kept-weight distortion" in table
 
 
+def test_activation_sparsity_benchmark_writes_its_table(tmp_path: Path) -> None:
+    rows = _load("activation_sparsity").main(["--epochs", "20", "--activations", "cst", "--out", str(tmp_path)])
+    assert [r["activation"] for r in rows] == ["relu (dense)", "cst"]
+    # Held out, with the running shift (which lags behind a shift the network keeps pushing up).
+    assert rows[1]["hidden_input_zeros"] == pytest.approx(0.8, abs=0.03)
+    assert rows[0]["hidden_input_zeros"] < 0.6
+    assert "| cst | 80% |" in (tmp_path / "activation_sparsity.md").read_text()
+
+
 def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> None:
     inference = _load("inference")
     out = tmp_path / "inference.json"

@@ -153,7 +153,8 @@ class ST3PruningCallback(SparseTrainingCallback):
         prune_tied: Prune a tied tensor (an ``lm_head`` tied to the embedding) for all its users (see *Models*).
         shrinkage: What a kept weight becomes (:mod:`~lightning_stthree.methods.shrinkage`): ``"soft"`` (ST-3,
             default) ``sign(w)(|w| - t)``, ``"hard"`` ``w``, ``"firm"`` linear from 0 at ``t`` to ``w`` at
-            ``firm_ratio * t``, ``"half"`` the l1/2 threshold. Pruned weights, sparsity and MACs are the same for all.
+            ``firm_ratio * t``, ``"half"`` the l1/2 threshold. The pruned set is the same for all; the rescale suits
+            the soft threshold (with ``"hard"`` / ``"half"`` try ``rescale=False``: README, *Shrinkage functions*).
         firm_ratio: ``mu / t`` of ``shrinkage="firm"``, ``> 1`` (default 2).
 
     Raises:
