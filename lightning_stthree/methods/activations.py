@@ -105,9 +105,9 @@ class SparseActivation(nn.Module):
             with torch.no_grad():
                 tau = activation_shift(x, self.sparsity, self.activation)
                 scale = x.detach().float().square().mean().sqrt()
-                weight = torch.where(self.started, self.momentum, 1.0)
-                self.tau.lerp_(tau, weight)
-                self.scale.lerp_(scale, weight)
+                weight = torch.where(self.started, self.momentum, 1.0)  # the first batch sets them
+                self.tau.lerp_(tau.to(self.tau.dtype), weight.to(self.tau.dtype))
+                self.scale.lerp_(scale.to(self.scale.dtype), weight.to(self.scale.dtype))
                 self.started.fill_(True)
         else:
             tau, scale = self.tau, self.scale

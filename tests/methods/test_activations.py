@@ -80,3 +80,20 @@ def test_bad_arguments_name_the_argument() -> None:
         SparseActivation("crelu", clip=0)
     with pytest.raises(ValueError, match=r"`momentum` must be in \(0, 1\], got 0"):
         SparseActivation("crelu", momentum=0)
+
+
+@pytest.mark.parametrize("activation", ["crelu", "cst"])
+def test_compiled_and_bf16_modules_give_the_eager_float32_zeros(activation: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 128)
+    eager = SparseActivation(activation, target_sparsity=0.7)
+    eager.sparsity = 0.7
+    compiled = copy.deepcopy(eager)
+    expected = eager(x)
+    got = torch.compile(compiled, backend="eager")(x)  # traced by dynamo; the aot/inductor path is the model's own
+    assert torch.equal(got, expected)
+    assert torch.equal(compiled.tau, eager.tau)
+    half = copy.deepcopy(eager).bfloat16()
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert float((out == 0).float().mean()) == pytest.approx(0.7, abs=0.02)  # bf16 ties at the shift add zeros

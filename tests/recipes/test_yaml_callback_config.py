@@ -7,7 +7,7 @@ from helpers import TinyNet, random_loader
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_stthree import ST3PruningCallback
+from lightning_stthree import ActivationSparsityCallback, ST3PruningCallback
 from lightning_stthree.methods.st3 import find_st3_parametrization
 
 CONFIG = """
@@ -58,6 +58,20 @@ def test_the_shrinkage_from_yaml(tmp_path: Path) -> None:
     assert (cb.shrinkage, cb.firm_ratio, cb.soft_threshold) == ("firm", 3.0, False)
     parametrization = find_st3_parametrization(cli.model.conv)
     assert (parametrization.shrinkage, parametrization.firm_ratio) == ("firm", 3.0)
+
+
+def test_the_activation_callback_from_yaml_next_to_the_weights_one(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    extra = (
+        "    - class_path: lightning_stthree.ActivationSparsityCallback\n"
+        "      init_args:\n        target_sparsity: 0.6\n        activation: cst\n        clip: 2.0\n"
+    )
+    config.write_text(CONFIG + extra)
+    with pytest.warns(UserWarning, match=r"no \['ReLU'\] module to replace"):  # TinyNet calls torch.relu
+        cli = LightningCLI(TinyNet, RandomData, args=["fit", "--config", str(config)], save_config_callback=None)
+    (cb,) = (c for c in cli.trainer.callbacks if isinstance(c, ActivationSparsityCallback))
+    assert (cb.target_sparsity, cb.activation, cb.clip) == (0.6, "cst", 2.0)
+    assert any(isinstance(c, ST3PruningCallback) for c in cli.trainer.callbacks)
 
 
 ADD = "criterion: l1_std"  # a line of CONFIG after which a case adds an argument
