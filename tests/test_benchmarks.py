@@ -70,12 +70,16 @@ def test_accuracy_benchmark_compares_the_shrinkages_with_their_distortion(tmp_pa
     assert "kept-weight distortion" in table
 
 
-def test_activation_sparsity_benchmark_writes_its_table(tmp_path: Path) -> None:
-    rows = _load("activation_sparsity").main(["--epochs", "20", "--activations", "cst", "--out", str(tmp_path)])
-    assert [r["activation"] for r in rows] == ["relu (dense)", "cst"]
-    # Held out, with the running shift (which lags behind a shift the network keeps pushing up).
-    assert rows[1]["hidden_input_zeros"] == pytest.approx(0.8, abs=0.03)
-    assert rows[0]["hidden_input_zeros"] < 0.6
+def test_activation_sparsity_at_80_percent_keeps_the_dense_accuracy_on_the_digits_mlp(tmp_path: Path) -> None:
+    # Issue 28's acceptance: >= 75% exact zeros in the inputs of the Linear layers after the first, on held-out
+    # images, within 1.5 points of the same MLP trained dense (SGD, 20 epochs), for CReLU and CST.
+    rows = _load("activation_sparsity").main(["--sparsities", "0.8", "--out", str(tmp_path)])
+    dense, crelu, cst = rows
+    assert [r["activation"] for r in rows] == ["relu (dense)", "crelu", "cst"]
+    for row in (crelu, cst):
+        assert row["hidden_input_zeros"] >= 0.75
+        assert row["test_acc"] >= dense["test_acc"] - 0.015
+    assert dense["hidden_input_zeros"] < 0.6
     assert "| cst | 80% |" in (tmp_path / "activation_sparsity.md").read_text()
 
 

@@ -52,9 +52,9 @@ def test_unclipped_the_fixed_point_is_unstable_above_and_clipping_at_the_prescri
     assert unclipped.curvature > 0  # so a variance above q* grows with depth (the paper's instability)
     clip = prescribed_clip(name, sparsity)
     clipped = edge_of_chaos(name, sparsity, clip)
-    assert clipped.slope < 1
-    assert clipped.curvature == pytest.approx(0.0, abs=1e-7)
-    assert edge_of_chaos(name, sparsity, clip * 1.01).curvature > 0  # the largest such clip
+    assert clipped.slope == pytest.approx(0.8, abs=1e-7)  # the rule: slope 0.8 at the fixed point
+    assert edge_of_chaos(name, sparsity, clip * 0.99).slope < 0.8 < edge_of_chaos(name, sparsity, clip * 1.01).slope
+    assert prescribed_clip(name, sparsity, slope=0.5) < clip  # less slope, more clipping
 
     # Iterated from a variance above q* (a deep network), the unclipped map grows and the clipped one comes back.
     def depth(tau: float, clip: float, weight: float, bias: float, layers: int) -> float:
