@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_stthree.callbacks.settings import schedule_errors_as_misconfiguration
 from lightning_stthree.core.checks import check_bool, check_number, check_strings
+from lightning_stthree.core.layers import find_prunable_layers
 from lightning_stthree.core.schedule import DEFAULT_POWER, SparsitySchedule, StepSpec
 from lightning_stthree.methods.activations import SparseActivation
 
@@ -50,7 +51,9 @@ class ActivationSparsityCallback(pl.Callback):
 
     Logged once per optimizer step: ``act/sparsity`` (measured exact zeros over all replaced layers' outputs in that
     step's training batches), ``act/target_sparsity`` and, unless ``log_layer_sparsity=False``,
-    ``act/layer/<name>/sparsity`` and ``act/layer/<name>/tau``.
+    ``act/layer/<name>/sparsity`` and ``act/layer/<name>/tau``. During fit it also counts the zeros in the input of
+    every Linear/Conv layer (:attr:`input_density`, one pass over each input); a ``ST3PruningCallback`` in the same
+    Trainer scales each layer's MACs in ``st3/macs_*`` by it (a zero input element skips its share of the work).
 
     Args:
         target_sparsity: Final fraction of exact zeros in each replaced layer's output, in ``[0, 1)``.
@@ -101,6 +104,11 @@ class ActivationSparsityCallback(pl.Callback):
         check_number("momentum", momentum, 0.0, 1.0, "(]")
         self.layers: dict[str, SparseActivation] = {}
         self._originals: dict[str, nn.Module] = {}
+        #: Each Linear/Conv layer's fraction of non-zero input elements in the last optimizer step's training batches
+        #: (``ST3PruningCallback`` scales its ``st3/macs_*`` by it).
+        self.input_density: dict[str, float] = {}
+        self._input_counts: dict[str, list[Any]] = {}
+        self._hooks: list[Any] = []
 
     @property
     def target_sparsity(self) -> float:
@@ -132,8 +140,27 @@ class ActivationSparsityCallback(pl.Callback):
             setattr(model.get_submodule(parent_name), child, original)
         self.layers, self._originals = {}, {}
 
+    def _count_inputs(self, model: nn.Module) -> None:
+        """Count the zeros of every Linear/Conv layer's input in training forward passes (one pass over each input)."""
+        for name, module in find_prunable_layers(model).items():
+            counts = self._input_counts[name] = [torch.zeros((), dtype=torch.long), 0]
+
+            def count(module: nn.Module, args: tuple[Any, ...], counts: list[Any] = counts) -> None:
+                if module.training and args and isinstance(args[0], torch.Tensor):
+                    counts[0] = counts[0].to(args[0].device) + (args[0] == 0).sum()
+                    counts[1] += args[0].numel()
+
+            self._hooks.append(module.register_forward_pre_hook(count))
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._input_counts = [], {}
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._count_inputs(pl_module)
         if not self.layers:
             rank_zero_warn(f"ActivationSparsityCallback: no {list(self.include_types)} module to replace was found")
         example = getattr(pl_module, "example_input_array", None)
@@ -181,10 +208,15 @@ class ActivationSparsityCallback(pl.Callback):
                 metrics[f"act/layer/{name}/tau"] = float(layer.tau)
         if elements:
             metrics["act/sparsity"] = zeros / elements
+        for name, counts in self._input_counts.items():
+            if counts[1]:
+                self.input_density[name] = 1.0 - int(counts[0]) / counts[1]
+            counts[0], counts[1] = torch.zeros((), dtype=torch.long), 0
         metrics["act/target_sparsity"] = self.schedule.sparsity_at(trainer.global_step)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
         if self.undo_at_end:
             self.undo(pl_module)

@@ -332,15 +332,18 @@ class SparseTrainingCallback(Callback):
         (:func:`~lightning_stthree.methods.measure.layer_sparsity`; every rank must call it when sharded)."""
         return layer_sparsity(self._layers)
 
-    def measure_macs(self, per_layer_sparsity: dict[str, float] | None = None) -> dict[str, float]:
+    def measure_macs(
+        self, per_layer_sparsity: dict[str, float] | None = None, input_density: dict[str, float] | None = None
+    ) -> dict[str, float]:
         """Dense and sparse MACs per sample over all Linear/Conv layers, and their ratio (empty if not measured).
 
-        Layers this callback does not prune count with their own (usually full) density.
+        Layers this callback does not prune count with their own (usually full) density; ``input_density`` (the
+        layers' fraction of non-zero inputs) scales them too (:func:`~lightning_stthree.methods.measure.macs_summary`).
         """
         if not self._layer_macs:
             return {}
         sparsity = self.measure_sparsity()[1] if per_layer_sparsity is None else per_layer_sparsity
-        return macs_summary(self._layer_macs, sparsity, self._other_layers)
+        return macs_summary(self._layer_macs, sparsity, self._other_layers, input_density)
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         """Log ``<prefix>/sparsity``, the MACs, the method's :meth:`_metrics` and the per-layer values, append to
@@ -349,7 +352,9 @@ class SparseTrainingCallback(Callback):
         extra, layer_extra = self._metrics(step)
         sparsity, per_layer = self.measure_sparsity()
         self._warn_emptied_layers(step, per_layer)
-        macs = self.measure_macs(per_layer)
+        # With sparse activations (ActivationSparsityCallback), the last step's densities of the layers' inputs.
+        inputs = next((c.input_density for c in pl_module.trainer.callbacks if hasattr(c, "input_density")), None)
+        macs = self.measure_macs(per_layer, inputs)
         pl_module.log(f"{prefix}/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
         for key, value in extra.items():
             pl_module.log(f"{prefix}/{key}", value, on_step=True, on_epoch=False)

@@ -55,7 +55,10 @@ def layer_sparsity(layers: Mapping[str, nn.Module]) -> tuple[float, dict[str, fl
 
 @torch.no_grad()
 def macs_summary(
-    layer_macs: Mapping[str, float], pruned_sparsity: Mapping[str, float], others: Mapping[str, nn.Module]
+    layer_macs: Mapping[str, float],
+    pruned_sparsity: Mapping[str, float],
+    others: Mapping[str, nn.Module],
+    input_density: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Dense and sparse MACs per sample over every layer of ``layer_macs``, and their ratio.
 
@@ -63,6 +66,9 @@ def macs_summary(
         layer_macs: Dense MACs per sample of every Linear/Conv layer, by name (empty: nothing measured).
         pruned_sparsity: The measured sparsity of the pruned layers (:func:`layer_sparsity`).
         others: The layers of ``layer_macs`` that are not pruned: counted with their own (usually full) density.
+        input_density: The fraction of non-zero elements in each layer's input (sparse activations, from
+            :class:`~lightning_stthree.ActivationSparsityCallback`): a zero input element skips its share of the
+            layer's work, independently of the zero weights, so a layer's MACs scale by both densities.
 
     Returns:
         ``{"macs_dense", "macs_sparse", "macs_ratio"}``, or ``{}`` when ``layer_macs`` is empty.
@@ -74,6 +80,9 @@ def macs_summary(
     nonzero = count_per_tensor(tensors, lambda _, part: torch.count_nonzero(part))
     for name, weight, count in zip(others, tensors, nonzero, strict=True):
         densities[name] = count / weight.numel()
+    for name, value in (input_density or {}).items():
+        if name in layer_macs:
+            densities[name] = densities.get(name, 1.0) * value
     dense = sum(layer_macs.values())
     sparse = sparse_macs(layer_macs, densities)
     return {"macs_dense": dense, "macs_sparse": sparse, "macs_ratio": sparse / dense if dense else 1.0}

@@ -125,3 +125,25 @@ def test_weights_and_activations_sparse_together() -> None:
 def test_bad_arguments_name_the_argument(kwargs: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         ActivationSparsityCallback(**kwargs)
+
+
+def test_the_macs_count_both_the_zero_weights_and_the_zero_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, report=False, log_layer_sparsity=False)
+    activations = ActivationSparsityCallback(target_sparsity=0.8)
+    quiet_trainer(tmp_path, max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
+    density = activations.input_density
+    assert density["net.1"] == 1.0  # the random images have no zeros
+    for name in ("net.3", "net.5"):  # the inputs the sparse activations feed
+        assert density[name] == pytest.approx(0.2, abs=0.02)
+    # By hand: each layer's dense MACs (in x out per sample) times its weight density times its input density.
+    per_layer = weights.measure_sparsity()[1]
+    dense = {"net.1": 192 * 64, "net.3": 64 * 64, "net.5": 64 * 10}
+    sparse = sum(macs * (1 - per_layer[name]) * density[name] for name, macs in dense.items())
+    macs = weights.measure_macs(input_density=density)
+    assert macs["macs_dense"] == sum(dense.values())
+    assert macs["macs_sparse"] == pytest.approx(sparse, rel=1e-9)
+    assert macs["macs_ratio"] < weights.measure_macs()["macs_ratio"]  # the zero inputs are counted too
+    logged = read_metrics(tmp_path)[5]["st3/macs_ratio"]  # the logged value uses the previous step's inputs
+    assert logged < weights.measure_macs()["macs_ratio"] * 0.5
