@@ -14,6 +14,7 @@ is the scheduled sparsity, and kept as a running estimate (like BatchNorm's stat
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,6 +120,18 @@ class SparseActivation(nn.Module):
                 self.zeros += (out == 0).sum()
             self.elements += out.numel()
         return out
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, missing: list[str], *args: Any
+    ) -> None:
+        """A state dict of the dense model (the ReLU it replaced has no buffers) loads: the running shift and scale
+        start afresh from the next training batch."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+        own = [prefix + name for name in ("tau", "scale", "started")]
+        if all(key in missing for key in own):
+            for key in own:
+                missing.remove(key)
+            self.started.fill_(False)
 
     def take_measured(self) -> tuple[int, int]:
         """The exact zeros and the elements of the outputs since the last call (training batches), and reset."""

@@ -97,3 +97,14 @@ def test_compiled_and_bf16_modules_give_the_eager_float32_zeros(activation: str)
     out = half(x.bfloat16())
     assert out.dtype == torch.bfloat16
     assert float((out == 0).float().mean()) == pytest.approx(0.7, abs=0.02)  # bf16 ties at the shift add zeros
+
+
+def test_a_dense_state_dict_loads_and_the_estimates_start_afresh() -> None:
+    dense = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    sparse = copy.deepcopy(dense)
+    sparse[1] = SparseActivation("crelu", target_sparsity=0.5)
+    sparse[1].started.fill_(True)
+    sparse.load_state_dict(dense.state_dict())  # strict: the activation's missing buffers are not an error
+    assert not bool(sparse[1].started)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # other mismatches still are
+        sparse.load_state_dict({**dense.state_dict(), "1.extra": torch.zeros(())})
