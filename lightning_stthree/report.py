@@ -24,6 +24,7 @@ def sparsity_report(
     example_input: Any = None,
     layer_macs: Mapping[str, float] | None = None,
     check_received: bool = False,
+    input_density: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ``nn.Linear``/``nn.Conv1d/2d/3d``/``nn.MultiheadAttention`` of ``model``
     (parametrized by ST-3 or plain), then a total row.
@@ -43,6 +44,9 @@ def sparsity_report(
             products and convolutions receive on ``example_input`` (needs it;
             :func:`~lightning_stthree.methods.measure.received_sparsity`), to compare with ``1 - density``. A layer
             whose forward transforms its weight shows fewer zeros there than in ``zeros``.
+        input_density: Each layer's fraction of non-zero input elements (sparse activations,
+            :attr:`~lightning_stthree.ActivationSparsityCallback.input_density`): ``macs_sparse`` then counts both
+            sparsities (weight density x input density x dense MACs).
 
     With sharded (FSDP2) weights every rank must call it: the zeros are counted shard by shard and all-reduced.
 
@@ -72,7 +76,7 @@ def sparsity_report(
                 "zeros": zeros,
                 "density": density,
                 "macs_dense": dense,
-                "macs_sparse": None if dense is None else density * dense,
+                "macs_sparse": None if dense is None else density * (input_density or {}).get(name, 1.0) * dense,
                 "pruned": find_sparse_parametrization(module) is not None,
                 **({} if received is None else {"received_zeros": received[name]}),
             }

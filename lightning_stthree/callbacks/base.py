@@ -25,7 +25,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_stthree.callbacks.layers import check_received_sparsity, choose_layers, tie_holders
-from lightning_stthree.callbacks.macs import measure_fit_macs
+from lightning_stthree.callbacks.macs import activation_input_density, measure_fit_macs
 from lightning_stthree.core.checks import check_bool, check_shape
 from lightning_stthree.core.distributed import follow_parametrization, is_dtensor
 from lightning_stthree.core.layers import (
@@ -293,7 +293,9 @@ class SparseTrainingCallback(Callback):
             check_received_sparsity(self, trainer, pl_module)
         if self.report or self.save_plots:
             # Every rank counts its shards (sharded training), rank zero prints and plots.
-            rows = sparsity_report(pl_module, layer_macs=self._layer_macs or None)
+            rows = sparsity_report(
+                pl_module, layer_macs=self._layer_macs or None, input_density=activation_input_density(trainer)
+            )
         if trainer.is_global_zero and (self.report or self.save_plots):
             if self.report:
                 self._print_report(trainer, rows)
@@ -352,9 +354,7 @@ class SparseTrainingCallback(Callback):
         extra, layer_extra = self._metrics(step)
         sparsity, per_layer = self.measure_sparsity()
         self._warn_emptied_layers(step, per_layer)
-        # With sparse activations (ActivationSparsityCallback), the last step's densities of the layers' inputs.
-        inputs = next((c.input_density for c in pl_module.trainer.callbacks if hasattr(c, "input_density")), None)
-        macs = self.measure_macs(per_layer, inputs)
+        macs = self.measure_macs(per_layer, activation_input_density(pl_module.trainer))
         pl_module.log(f"{prefix}/sparsity", sparsity, on_step=True, on_epoch=False, prog_bar=True)
         for key, value in extra.items():
             pl_module.log(f"{prefix}/{key}", value, on_step=True, on_epoch=False)

@@ -89,3 +89,9 @@ def macs_per_weight(
         (layer_macs[name] + sum(layer_macs.get(user, 0.0) for user in tied.get(name, []))) / weight.numel()
         for name, weight in zip(layers, weights, strict=True)
     ]
+
+
+def activation_input_density(trainer: pl.Trainer) -> dict[str, float] | None:
+    """With sparse activations (an :class:`~lightning_stthree.ActivationSparsityCallback` in the Trainer), each
+    Linear/Conv layer's fraction of non-zero inputs in the last optimizer step; else ``None``."""
+    return next((c.input_density for c in trainer.callbacks if hasattr(c, "input_density")), None)

@@ -13,7 +13,7 @@ from helpers import cubic_reference, quiet_trainer, random_loader, read_metrics
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_stthree import ActivationSparsityCallback, ST3PruningCallback
+from lightning_stthree import ActivationSparsityCallback, ST3PruningCallback, sparsity_report
 from lightning_stthree.methods.activations import SparseActivation
 
 
@@ -147,3 +147,18 @@ def test_the_macs_count_both_the_zero_weights_and_the_zero_inputs(tmp_path: Path
     assert macs["macs_ratio"] < weights.measure_macs()["macs_ratio"]  # the zero inputs are counted too
     logged = read_metrics(tmp_path)[5]["st3/macs_ratio"]  # the logged value uses the previous step's inputs
     assert logged < weights.measure_macs()["macs_ratio"] * 0.5
+
+
+def test_the_end_of_fit_report_counts_the_zero_inputs_too() -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, log_layer_sparsity=False)
+    activations = ActivationSparsityCallback(target_sparsity=0.8)
+    quiet_trainer(max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
+    rows = {
+        r["name"]: r
+        for r in sparsity_report(model, layer_macs=weights._layer_macs, input_density=activations.input_density)
+    }
+    row = rows["net.3"]
+    assert row["macs_sparse"] == pytest.approx(row["macs_dense"] * row["density"] * activations.input_density["net.3"])
+    assert rows["total"]["macs_sparse"] < sparsity_report(model, layer_macs=weights._layer_macs)[-1]["macs_sparse"]
