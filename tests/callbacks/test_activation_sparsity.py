@@ -3,6 +3,7 @@ undo, arguments, and next to ``ST3PruningCallback``."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,22 @@ def test_undo_at_end_puts_the_original_modules_back() -> None:
     assert callback.layers == {}
 
 
-def test_weights_and_activations_sparse_together() -> None:
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, ST3PruningCallback, ActivationSparsityCallback, Path]:
+    """One fit with sparse weights (90%) and sparse activations (80%) together, its CSV logs in the returned folder."""
     torch.manual_seed(0)
-    model = MLP()
-    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, report=False)
+    model, log_dir = MLP(), tmp_path_factory.mktemp("both")
+    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, report=False, log_layer_sparsity=False)
     activations = ActivationSparsityCallback(target_sparsity=0.8)
-    quiet_trainer(max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
+    quiet_trainer(log_dir, max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
+    return model, weights, activations, log_dir
+
+
+def test_weights_and_activations_sparse_together(
+    both: tuple[MLP, ST3PruningCallback, ActivationSparsityCallback, Path],
+) -> None:
+    model, weights, _, _ = both
+    model = copy.deepcopy(model)  # its training forward below moves the running shifts
     assert weights.measure_sparsity()[0] == pytest.approx(0.9, abs=0.01)
     received = []
     hooks = [model.net[i].register_forward_pre_hook(lambda m, a: received.append(a[0])) for i in (3, 5)]
@@ -108,6 +119,30 @@ def test_weights_and_activations_sparse_together() -> None:
     for inputs in received:  # the Linear layers after the first receive the sparse activations
         # At least the target: units whose weights are all pruned give ties at the shift, which add zeros.
         assert 0.8 - 1 / inputs.numel() <= float((inputs == 0).float().mean()) < 0.85
+
+
+def test_the_macs_count_both_the_zero_weights_and_the_zero_inputs(
+    both: tuple[MLP, ST3PruningCallback, ActivationSparsityCallback, Path],
+) -> None:
+    model, weights, activations, log_dir = both
+    density = activations.input_density
+    assert density["net.1"] == 1.0  # the random images have no zeros
+    for name in ("net.3", "net.5"):  # the inputs the sparse activations feed
+        assert density[name] == pytest.approx(0.2, abs=0.02)
+    # By hand: each layer's dense MACs (in x out per sample) times its weight density times its input density.
+    per_layer = weights.measure_sparsity()[1]
+    dense = {"net.1": 192 * 64, "net.3": 64 * 64, "net.5": 64 * 10}
+    sparse = sum(macs * (1 - per_layer[name]) * density[name] for name, macs in dense.items())
+    macs = weights.measure_macs(input_density=density)
+    assert macs["macs_dense"] == sum(dense.values())
+    assert macs["macs_sparse"] == pytest.approx(sparse, rel=1e-9)
+    assert macs["macs_ratio"] < weights.measure_macs()["macs_ratio"]  # the zero inputs are counted too
+    logged = read_metrics(log_dir)[5]["st3/macs_ratio"]  # the logged value uses the previous step's inputs
+    assert logged < weights.measure_macs()["macs_ratio"] * 0.5
+    # The end-of-fit report counts them too.
+    rows = {r["name"]: r for r in sparsity_report(model, layer_macs=weights._layer_macs, input_density=density)}
+    assert rows["net.3"]["macs_sparse"] == pytest.approx(dense["net.3"] * (1 - per_layer["net.3"]) * density["net.3"])
+    assert rows["total"]["macs_sparse"] == pytest.approx(sparse, rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -125,40 +160,3 @@ def test_weights_and_activations_sparse_together() -> None:
 def test_bad_arguments_name_the_argument(kwargs: dict, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         ActivationSparsityCallback(**kwargs)
-
-
-def test_the_macs_count_both_the_zero_weights_and_the_zero_inputs(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = MLP()
-    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, report=False, log_layer_sparsity=False)
-    activations = ActivationSparsityCallback(target_sparsity=0.8)
-    quiet_trainer(tmp_path, max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
-    density = activations.input_density
-    assert density["net.1"] == 1.0  # the random images have no zeros
-    for name in ("net.3", "net.5"):  # the inputs the sparse activations feed
-        assert density[name] == pytest.approx(0.2, abs=0.02)
-    # By hand: each layer's dense MACs (in x out per sample) times its weight density times its input density.
-    per_layer = weights.measure_sparsity()[1]
-    dense = {"net.1": 192 * 64, "net.3": 64 * 64, "net.5": 64 * 10}
-    sparse = sum(macs * (1 - per_layer[name]) * density[name] for name, macs in dense.items())
-    macs = weights.measure_macs(input_density=density)
-    assert macs["macs_dense"] == sum(dense.values())
-    assert macs["macs_sparse"] == pytest.approx(sparse, rel=1e-9)
-    assert macs["macs_ratio"] < weights.measure_macs()["macs_ratio"]  # the zero inputs are counted too
-    logged = read_metrics(tmp_path)[5]["st3/macs_ratio"]  # the logged value uses the previous step's inputs
-    assert logged < weights.measure_macs()["macs_ratio"] * 0.5
-
-
-def test_the_end_of_fit_report_counts_the_zero_inputs_too() -> None:
-    torch.manual_seed(0)
-    model = MLP()
-    weights = ST3PruningCallback(target_sparsity=0.9, start=0, end=4, log_layer_sparsity=False)
-    activations = ActivationSparsityCallback(target_sparsity=0.8)
-    quiet_trainer(max_steps=6, callbacks=[weights, activations]).fit(model, random_loader(6))
-    rows = {
-        r["name"]: r
-        for r in sparsity_report(model, layer_macs=weights._layer_macs, input_density=activations.input_density)
-    }
-    row = rows["net.3"]
-    assert row["macs_sparse"] == pytest.approx(row["macs_dense"] * row["density"] * activations.input_density["net.3"])
-    assert rows["total"]["macs_sparse"] < sparsity_report(model, layer_macs=weights._layer_macs)[-1]["macs_sparse"]
