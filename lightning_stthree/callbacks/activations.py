@@ -4,7 +4,7 @@ arXiv:2402.16184), alone or next to ``ST3PruningCallback``."""
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,10 +13,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
+from lightning_stthree.callbacks.base import SparseTrainingCallback
 from lightning_stthree.callbacks.settings import schedule_errors_as_misconfiguration
-from lightning_stthree.core.checks import check_bool, check_number, check_strings
+from lightning_stthree.core.checks import check_bool, check_strings
+from lightning_stthree.core.flops import example_forward
 from lightning_stthree.core.layers import find_prunable_layers
 from lightning_stthree.core.schedule import DEFAULT_POWER, SparsitySchedule, StepSpec
+from lightning_stthree.core.variance_map import SparseActivationName
 from lightning_stthree.methods.activations import SparseActivation
 
 _RELU_OPS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
@@ -51,9 +54,10 @@ class ActivationSparsityCallback(pl.Callback):
 
     Logged once per optimizer step: ``act/sparsity`` (measured exact zeros over all replaced layers' outputs in that
     step's training batches), ``act/target_sparsity`` and, unless ``log_layer_sparsity=False``,
-    ``act/layer/<name>/sparsity`` and ``act/layer/<name>/tau``. During fit it also counts the zeros in the input of
-    every Linear/Conv layer (:attr:`input_density`, one pass over each input); a ``ST3PruningCallback`` in the same
-    Trainer scales each layer's MACs in ``st3/macs_*`` by it (a zero input element skips its share of the work).
+    ``act/layer/<name>/sparsity`` and ``act/layer/<name>/tau``. With a ``ST3PruningCallback`` (any
+    ``SparseTrainingCallback``) in the same Trainer, it also counts the zeros in the input of every Linear/Conv layer
+    during fit (:attr:`input_density`, one pass over each input), and that callback scales each layer's MACs in
+    ``st3/macs_*`` and its report by it (a zero input element skips its share of the work).
 
     Args:
         target_sparsity: Final fraction of exact zeros in each replaced layer's output, in ``[0, 1)``.
@@ -78,7 +82,7 @@ class ActivationSparsityCallback(pl.Callback):
     def __init__(
         self,
         target_sparsity: float = 0.8,
-        activation: Literal["crelu", "cst"] = "crelu",
+        activation: SparseActivationName = "crelu",
         start: StepSpec = 0,
         end: StepSpec = 0,
         power: float = DEFAULT_POWER,
@@ -90,7 +94,8 @@ class ActivationSparsityCallback(pl.Callback):
         undo_at_end: bool = False,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, None)
-        SparseActivation(activation, target_sparsity, clip, momentum)  # checks the module's arguments
+        # Checks the module's arguments, and resolves the prescribed clip once for every layer.
+        self._layer_clip = SparseActivation(activation, target_sparsity, clip, momentum).clip
         self.activation, self.clip, self.momentum = activation, clip, momentum
         self.include_types = check_strings(
             "include_types", ["ReLU"] if include_types is None else include_types, "torch.nn class names"
@@ -101,7 +106,6 @@ class ActivationSparsityCallback(pl.Callback):
         self.exclude = check_strings("exclude", exclude or [], "fnmatch patterns")
         self.log_layer_sparsity = check_bool("log_layer_sparsity", log_layer_sparsity)
         self.undo_at_end = check_bool("undo_at_end", undo_at_end)
-        check_number("momentum", momentum, 0.0, 1.0, "(]")
         self.layers: dict[str, SparseActivation] = {}
         self._originals: dict[str, nn.Module] = {}
         #: Each Linear/Conv layer's fraction of non-zero input elements in the last optimizer step's training batches
@@ -128,7 +132,7 @@ class ActivationSparsityCallback(pl.Callback):
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
                 continue
             parent_name, _, child = name.rpartition(".")
-            sparse = SparseActivation(self.activation, self.target_sparsity, self.clip, self.momentum)
+            sparse = SparseActivation(self.activation, self.target_sparsity, self._layer_clip, self.momentum)
             setattr(model.get_submodule(parent_name), child, sparse)
             self.layers[name], self._originals[name] = sparse, module
         return self.layers
@@ -160,18 +164,15 @@ class ActivationSparsityCallback(pl.Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        self._count_inputs(pl_module)
+        if any(isinstance(c, SparseTrainingCallback) for c in trainer.callbacks):  # their MACs read the counts
+            self._count_inputs(pl_module)
         if not self.layers:
             rank_zero_warn(f"ActivationSparsityCallback: no {list(self.include_types)} module to replace was found")
         example = getattr(pl_module, "example_input_array", None)
         if example is None:
             return
         counter = _CountReLU()
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad(), counter:
-            pl_module(**example) if isinstance(example, dict) else pl_module(example)
-        pl_module.train(was_training)
+        example_forward(pl_module, example, counter)
         if counter.count:
             rank_zero_warn(
                 f"ActivationSparsityCallback: the forward pass still runs {counter.count} ReLU operation(s) that are "

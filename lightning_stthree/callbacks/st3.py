@@ -199,7 +199,7 @@ class ST3PruningCallback(SparseTrainingCallback):
         min_density_ratio: float = DEFAULT_MIN_DENSITY_RATIO,
         check_received: bool = True,
         prune_tied: bool = False,
-        shrinkage: Literal["soft", "hard", "firm", "half"] | None = None,
+        shrinkage: shrinkages.Shrinkage | None = None,
         firm_ratio: float = shrinkages.DEFAULT_FIRM_RATIO,
     ) -> None:
         self.schedule = SparsitySchedule(target_sparsity, start, end, power, freeze_at)

@@ -55,6 +55,26 @@ def call_with_example(model: nn.Module, example_input: Any) -> Any:
 
 
 @torch.no_grad()
+def example_forward(model: nn.Module, example_input: Any, mode: Any) -> Any:
+    """One forward pass of ``model`` on ``example_input`` (:func:`call_with_example`) inside ``mode`` (a
+    ``TorchDispatchMode``, ``FlopCounterMode``, ...), in eval mode under ``no_grad``, with attention's fused fast path
+    off (in eval mode under ``no_grad``, attention and transformer layers would take a fused kernel that bypasses
+    their Linear submodules and operations). Every module's train/eval flag and the fast-path setting are restored, so
+    batch-norm statistics and every other buffer stay as they are."""
+    modes = {module: module.training for module in model.modules()}
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    model.eval()
+    try:
+        with mode:
+            return call_with_example(model, example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        for module, training in modes.items():
+            module.training = training
+
+
+@torch.no_grad()
 def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str, nn.Module]) -> dict[str, float]:
     """Dense MACs per input sample of each of ``layers``, from one forward pass of ``model`` on ``example_input``.
 
@@ -82,27 +102,18 @@ def measure_layer_macs(model: nn.Module, example_input: Any, layers: Mapping[str
         >>> measure_layer_macs(net, torch.zeros(2, 8), {"0": net[0]})
         {'0': 32.0}
     """
-    modes = {module: module.training for module in model.modules()}
-    fast_path = torch.backends.mha.get_fastpath_enabled()
     attention_macs: dict[str, dict[str, float]] = {}
     hooks = [
         module.register_forward_pre_hook(functools.partial(_record_attention, attention_macs, name), with_kwargs=True)
         for name, module in model.named_modules()
         if isinstance(module, nn.MultiheadAttention)
     ]
-    model.eval()
-    # In eval mode under no_grad, attention and transformer layers take a fused "fast path" that bypasses their
-    # Linear submodules; turn it off so their MACs are attributed to them.
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            call_with_example(model, example_input)
+    counter = FlopCounterMode(display=False)
+    try:  # the fast path is off there, so attention's MACs are attributed to its Linear submodules
+        example_forward(model, example_input, counter)
     finally:
         for hook in hooks:
             hook.remove()
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-        for module, training in modes.items():
-            module.training = training
     counts = counter.get_flop_counts()
     root = type(model).__name__
     batch = _batch_size(example_input)

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from lightning_stthree.core.checks import check_choice, check_number
 
-SPARSE_ACTIVATIONS: tuple[str, ...] = ("crelu", "cst")
+SparseActivationName = Literal["crelu", "cst"]
+SPARSE_ACTIVATIONS: tuple[str, ...] = get_args(SparseActivationName)
 # The bracket searched by `prescribed_clip`, in units of sqrt(q*): a clip above 10 standard deviations is no clip.
 _LARGEST_CLIP = 10.0
 #: The slope of the variance map at its fixed point that :func:`prescribed_clip` aims for (see the module docstring).

@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_stthree.core.kernels import compiled
 from lightning_stthree.methods.shrinkage import (
     DEFAULT_FIRM_RATIO,
+    Shrinkage,
     above_threshold,
     check_firm_ratio,
     kept_magnitude,
@@ -58,7 +59,7 @@ def effective_weight(
     threshold: Tensor,
     soft_threshold: bool | None = None,
     rescale: bool = True,
-    shrinkage: str | None = None,
+    shrinkage: Shrinkage | None = None,
     firm_ratio: float = DEFAULT_FIRM_RATIO,
 ) -> Tensor:
     r"""The weight the forward pass uses, given the raw weight and this layer's threshold on magnitudes.

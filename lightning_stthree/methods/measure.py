@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_stthree.core.distributed import count_per_tensor
-from lightning_stthree.core.flops import call_with_example, sparse_macs
+from lightning_stthree.core.flops import example_forward, sparse_macs
 from lightning_stthree.core.layers import pruned_tensor
 from lightning_stthree.methods.parametrization import find_sparse_parametrization, raw_weight
 
@@ -161,18 +161,9 @@ def received_sparsity(model: nn.Module, example_input: Any, layers: Mapping[str,
     for name, module in layers.items():
         hooks.append(module.register_forward_pre_hook(enter(name)))
         hooks.append(module.register_forward_hook(leave, always_call=True))
-    modes = {module: module.training for module in model.modules()}
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    # In eval mode under no_grad, attention runs a fused kernel that is not a matrix product of its weight.
-    torch.backends.mha.set_fastpath_enabled(False)
-    model.eval()
-    try:
-        with _Recorder():
-            call_with_example(model, example_input)
+    try:  # attention's fused fast path, which is not a matrix product of its weight, is off there
+        example_forward(model, example_input, _Recorder())
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
         for hook in hooks:
             hook.remove()
-        for module, training in modes.items():
-            module.training = training
     return {name: seen.get(name) for name in layers}

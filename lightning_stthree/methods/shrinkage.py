@@ -26,7 +26,7 @@ Plain functions of tensors; :mod:`~lightning_stthree.methods.effective` applies 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_stthree.core.checks import check_bool, check_choice, check_number
 
 Shrinkage = Literal["soft", "hard", "firm", "half"]
-SHRINKAGES: tuple[str, ...] = ("soft", "hard", "firm", "half")
+SHRINKAGES: tuple[str, ...] = get_args(Shrinkage)
 #: ``firm``'s default ratio :math:`\mu / t`: linear from 0 at ``t`` to ``w`` at ``2 t``.
 DEFAULT_FIRM_RATIO = 2.0
 
@@ -126,21 +126,21 @@ def half_factor(ratio: Tensor) -> Tensor:
 def kept_magnitude(
     magnitude: Tensor, threshold: Tensor, shrinkage: str, firm_ratio: float = DEFAULT_FIRM_RATIO
 ) -> Tensor:
-    r"""``|shrink(w)|`` as a function of ``magnitude = |w|``, for kept entries (``|w| > t``).
+    r"""``|shrink(w)|`` as a function of ``magnitude = |w|``, for kept entries (``|w| > t``), for the shrinkages other
+    than ``"soft"`` and ``"hard"`` (which :func:`shrink` and the eager chain compute directly, bitwise as before).
 
     Finite for every ``magnitude >= 0`` (whatever is computed where ``|w| <= t`` is for the caller to mask), and 0 at
-    ``magnitude = 0`` for ``firm`` and ``half``, which the in-place eager chain relies on.
+    ``magnitude = 0``, which the in-place eager chain relies on.
 
     Args:
         magnitude: ``|w|``, in the weight's dtype.
         threshold: 0-dim tensor ``t >= 0``, in the weight's dtype.
-        shrinkage: One of :data:`SHRINKAGES`.
+        shrinkage: ``"firm"`` or ``"half"``.
         firm_ratio: ``mu / t`` of ``"firm"``, ``> 1``.
+
+    Raises:
+        ValueError: For another ``shrinkage``.
     """
-    if shrinkage == "soft":
-        return magnitude - threshold
-    if shrinkage == "hard":
-        return magnitude
     if shrinkage == "firm":
         # min(|w|, relu((|w| - t) mu / (mu - t))): the linear piece below mu, |w| itself (bitwise) above it.
         slope = firm_ratio / (firm_ratio - 1.0)
@@ -148,13 +148,15 @@ def kept_magnitude(
     if shrinkage == "half":
         ratio = (threshold / magnitude.clamp(min=torch.finfo(magnitude.dtype).tiny)).clamp(max=1.0)
         return magnitude * half_factor(ratio)
-    raise ValueError(f"`shrinkage` must be one of {SHRINKAGES}, got {shrinkage!r}")
+    raise ValueError(
+        f"`shrinkage` must be 'firm' or 'half' here (soft and hard are not shrunk by it), got {shrinkage!r}"
+    )
 
 
 def shrink(
     weight: Tensor,
     threshold: Tensor | float,
-    shrinkage: str = "soft",
+    shrinkage: Shrinkage = "soft",
     firm_ratio: float = DEFAULT_FIRM_RATIO,
     keep: Tensor | None = None,
 ) -> Tensor:

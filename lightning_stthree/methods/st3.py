@@ -41,6 +41,7 @@ from lightning_stthree.methods.parametrization import (
 )
 from lightning_stthree.methods.shrinkage import (
     DEFAULT_FIRM_RATIO,
+    Shrinkage,
     check_firm_ratio,
     resolve_shrinkage,
     soft_threshold_alias,
@@ -154,7 +155,7 @@ class SoftThresholdParametrization(SparseParametrization):
         compile_kernels: bool = False,
         out_dim: int = 0,
         reuse_memory: bool = True,
-        shrinkage: str | None = None,
+        shrinkage: Shrinkage | None = None,
         firm_ratio: float = DEFAULT_FIRM_RATIO,
     ) -> None:
         super().__init__()
@@ -288,7 +289,7 @@ def register_st3_parametrization(
     straight_through: bool = True,
     rescale: bool = True,
     compile_kernels: bool = False,
-    shrinkage: str | None = None,
+    shrinkage: Shrinkage | None = None,
     firm_ratio: float = DEFAULT_FIRM_RATIO,
 ) -> SoftThresholdParametrization:
     """Put the ST-3 parametrization on ``module.weight`` (or update the flags of the one already there).
