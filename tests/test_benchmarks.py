@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -81,6 +82,29 @@ def test_activation_sparsity_at_80_percent_keeps_the_dense_accuracy_on_the_digit
         assert row["test_acc"] >= dense["test_acc"] - 0.015
     assert dense["hidden_input_zeros"] < 0.6
     assert "| cst | 80% |" in (tmp_path / "activation_sparsity.md").read_text()
+
+
+def test_activation_fashion_benchmark_quick_mode_trains_every_configuration(tmp_path: Path) -> None:
+    args = ["--quick", "--sparsities", "0.85", "--activations", "cst", "--out", str(tmp_path)]
+    if not DEBIAN_FASHION_MNIST_DIR.is_dir():
+        make_tiny_idx_dataset(tmp_path / "fashion", num_train=1024, num_test=1024)
+        args += ["--data-dir", str(tmp_path / "fashion")]
+    rows = _load("activation_fashion").main(args)
+    configurations = [(r["model"], r["activation"], r["clip"], r["weight_target"]) for r in rows]
+    clip = rows[1]["clip"]
+    assert 1.0 < clip < 1.5  # the prescribed clip of CST at 85%
+    per_model = [("relu", None, None), ("cst", clip, None), ("cst", math.inf, None), ("relu", None, 0.9)]
+    per_model.append(("cst", clip, 0.9))
+    assert configurations == [(m, *c) for m in ("mlp", "resnet8") for c in per_model]
+    for r in rows:
+        assert r["macs_effective"] <= r["macs_dense"]
+        assert r["weight_sparsity"] == (pytest.approx(0.9, abs=0.001) if r["weight_target"] else 0.0)
+        if r["model"] == "mlp" and r["activation"] == "cst" and not r["weight_target"]:  # held out: the running shift
+            assert r["activation_sparsity"] == pytest.approx(0.85, abs=0.05)
+    dense, sparse = rows[0], rows[1]
+    assert sparse["macs_effective"] < 0.8 * dense["macs_effective"]  # the zero inputs are counted
+    assert "| mlp | cst | 1.22 | 85% | dense |" in (tmp_path / "activation_fashion_quick.md").read_text()
+    assert (tmp_path / "activation_fashion_quick.png").stat().st_size > 10_000
 
 
 def test_inference_benchmark_converts_and_writes_its_table(tmp_path: Path) -> None:

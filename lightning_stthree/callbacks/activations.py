@@ -171,8 +171,24 @@ class ActivationSparsityCallback(pl.Callback):
         example = getattr(pl_module, "example_input_array", None)
         if example is None:
             return
-        counter = _CountReLU()
-        example_forward(pl_module, example, counter)
+        counter, calls = _CountReLU(), dict.fromkeys(self.layers, 0)
+        hooks = [
+            layer.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+            for name, layer in self.layers.items()
+        ]
+        try:
+            example_forward(pl_module, example, counter)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        shared = {name: n for name, n in calls.items() if n > 1}
+        if shared:
+            rank_zero_warn(
+                f"ActivationSparsityCallback: these replaced modules run more than once per forward pass {shared} "
+                "(one module shared by several activations, like torchvision's `BasicBlock.relu`): in training each "
+                "call takes its own exact shift, but evaluation uses one running shift for all its calls, so their "
+                "held-out sparsity can differ from the target. HINT: give every activation its own module."
+            )
         if counter.count:
             rank_zero_warn(
                 f"ActivationSparsityCallback: the forward pass still runs {counter.count} ReLU operation(s) that are "

@@ -117,6 +117,11 @@ def edge_of_chaos(activation: str, sparsity: float, clip: float = math.inf) -> E
         1.0
     """
     a = zero_fraction_shift(activation, sparsity)
+    if math.isinf(a):
+        raise ValueError(
+            f"edge_of_chaos: sparsity must be > 0 for {activation!r} (at 0 its shift is -inf: the identity, with no "
+            "edge of chaos); got 0"
+        )
     m = check_number("clip", clip, 0.0, math.inf, "(]", finite=False)
     b = a + m
     kappa = 1.0 if activation == "crelu" else 2.0

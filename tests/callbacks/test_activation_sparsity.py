@@ -93,6 +93,48 @@ def test_undo_at_end_puts_the_original_modules_back() -> None:
     assert callback.layers == {}
 
 
+def test_every_relu_of_the_recipes_resnet8_is_replaced() -> None:
+    """The benchmark's ResNet-8, whose 7 ReLUs are modules: all replaced, none left to warn about, the measured
+    sparsity the target's."""
+    import warnings
+
+    from lightning_stthree.recipes.models import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier("resnet8", in_channels=3, image_size=8)
+    callback = ActivationSparsityCallback(target_sparsity=0.85, activation="cst")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ReLU operation.*")
+        quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, random_loader(2))
+    assert len(callback.layers) == 7
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    model.train()
+    layer = model.model.layer2[0].relu1
+    layer(torch.randn(4, 32, 4, 4))
+    zeros, elements = layer.take_measured()
+    assert zeros / elements == pytest.approx(0.85, abs=0.5 / elements)
+
+
+def test_torchvision_resnet18_shares_a_relu_per_block_which_is_named_in_a_warning(tmp_path: Path) -> None:
+    """torchvision's BasicBlock calls one ``self.relu`` twice: both calls are made sparse (each its own exact shift in
+    training), and the warning names the shared modules, whose evaluation uses one running shift."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = MLP()
+    model.net = torchvision.models.resnet18(num_classes=10)
+    model.example_input_array = torch.zeros(2, 3, 32, 32)
+    callback = ActivationSparsityCallback(target_sparsity=0.8, activation="crelu")
+    shared = (
+        r"run more than once per forward pass \{'net.layer1.0.relu': 2, 'net.layer1.1.relu': 2, 'net.layer2.0.relu'"
+    )
+    with pytest.warns(UserWarning, match=shared):
+        quiet_trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(model, random_loader(2, shape=(3, 32, 32)))
+    assert len(callback.layers) == 9  # the stem's and one per block
+    for step in read_metrics(tmp_path).values():
+        assert step["act/sparsity"] == pytest.approx(0.8, abs=1e-3)  # every call, both of a shared module's
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[MLP, ST3PruningCallback, ActivationSparsityCallback, Path]:
     """One fit with sparse weights (90%) and sparse activations (80%) together, its CSV logs in the returned folder."""

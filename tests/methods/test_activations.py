@@ -1,4 +1,5 @@
-"""CReLU and CST against their formulas (numpy), the exact per-batch shift, and the module's running estimates."""
+"""CReLU and CST against their formulas (numpy), the exact per-batch shift, the module's running estimates, and the
+edge-of-chaos initialisation."""
 
 import copy
 import math
@@ -6,9 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from lightning_stthree.core.variance_map import prescribed_clip
-from lightning_stthree.methods.activations import SparseActivation, activation_shift, crelu, cst
+from lightning_stthree.core.variance_map import edge_of_chaos, prescribed_clip
+from lightning_stthree.methods.activations import (
+    SparseActivation,
+    activation_shift,
+    crelu,
+    cst,
+    edge_of_chaos_init_,
+    resolve_clip,
+)
 
 X = np.linspace(-4.0, 4.0, 801)
 
@@ -108,3 +117,78 @@ def test_a_dense_state_dict_loads_and_the_estimates_start_afresh() -> None:
     assert not bool(sparse[1].started)
     with pytest.raises(RuntimeError, match="Unexpected key"):  # other mismatches still are
         sparse.load_state_dict({**dense.state_dict(), "1.extra": torch.zeros(())})
+
+
+@pytest.mark.parametrize(
+    ("activation", "sparsity", "clip", "point"),
+    [("crelu", 0.85, None, 0.85), ("cst", 0.7, math.inf, 0.7), ("cst", 0.0, None, 0.0), ("crelu", 0.3, None, 0.5)],
+)
+def test_edge_of_chaos_init_draws_the_closed_form_variances(
+    activation: str, sparsity: float, clip: float | None, point: float
+) -> None:
+    # CReLU below 50% is a ReLU (its shift is never negative), so it gets the ReLU's initialisation.
+    expected = edge_of_chaos(activation, point, resolve_clip(activation, sparsity, clip))
+    model = nn.Sequential(nn.Linear(1500, 2000), nn.Conv2d(40, 3000, 5), nn.BatchNorm1d(7))
+    edge_of_chaos_init_(model, activation, sparsity, clip, generator=torch.Generator().manual_seed(0))
+    for layer, fan_in in ((model[0], 1500), (model[1], 40 * 25)):
+        weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+        assert abs(float(weight.mean())) < 5 * float(weight.std()) / math.sqrt(weight.numel())  # centred
+        assert float(weight.var()) * fan_in == pytest.approx(expected.weight_variance, rel=0.01)
+        assert float(bias.pow(2).mean()) == pytest.approx(expected.bias_variance, rel=0.1, abs=1e-12)
+    assert torch.equal(model[2].weight, torch.ones(7))  # not a Linear/Conv layer: untouched
+
+
+def test_the_he_point_has_no_bias_and_every_bias_variance_is_non_negative() -> None:
+    he = edge_of_chaos_init_(nn.Linear(1000, 1000), "crelu", 0.5, math.inf, torch.Generator().manual_seed(0))
+    assert float(he.weight.detach().var()) * 1000 == pytest.approx(2.0, rel=0.01)  # He et al. 2015
+    assert torch.count_nonzero(he.bias) == 0
+    # sigma_b^2 = 1 - sigma_w^2 E[phi^2] >= 0 wherever the init is used, so the bias std always exists; CReLU below
+    # 50% would need a negative one (why the init uses 0.5 there).
+    grid = [
+        (a, s, c)
+        for a, lo in (("crelu", 0.5), ("cst", 0.0))
+        for s in np.linspace(lo, 0.99, 50)
+        for c in (1e-3, 0.1, 0.5, 1.0, 3.0, math.inf)
+    ]
+    assert min(edge_of_chaos(a, s, c).bias_variance for a, s, c in grid) >= -1e-12
+    assert edge_of_chaos("crelu", 0.3).bias_variance < -0.5
+    with pytest.raises(ValueError, match=r"sparsity must be > 0 for 'crelu'"):
+        edge_of_chaos("crelu", 0.0)
+    with pytest.raises(ValueError, match=r"`activation` must be one of \('crelu', 'cst'\), got 'gelu'"):
+        edge_of_chaos_init_(nn.Linear(2, 2), "gelu", 0.5)
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\), got 1.0"):
+        edge_of_chaos_init_(nn.Linear(2, 2), "cst", 1.0)
+    with pytest.raises(ValueError, match=r"`clip` must be in \(0, inf\], got 0.0"):
+        edge_of_chaos_init_(nn.Linear(2, 2), "cst", 0.5, clip=0.0)
+
+
+def _deep_network_mean_squares(activation: str, clip: float | None, init: bool) -> list[float]:
+    """The pre-activations' mean square in each of 30 Linear(1000) layers of a network with 85%-sparse activations
+    (training mode: each batch's exact shift), on 256 Gaussian inputs of variance 3."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(30):
+        layers += [nn.Linear(1000, 1000), SparseActivation(activation, 0.85, clip)]
+        layers[-1].sparsity = 0.85
+    network = nn.Sequential(*layers)
+    if init:
+        edge_of_chaos_init_(network, activation, 0.85, clip)
+    squares, h = [], torch.randn(256, 1000) * math.sqrt(3.0)
+    with torch.no_grad():
+        for layer in network:
+            h = layer(h)
+            if isinstance(layer, nn.Linear):
+                squares.append(float(h.pow(2).mean()))
+    return squares
+
+
+@pytest.mark.parametrize("activation", ["crelu", "cst"])
+def test_at_the_edge_of_chaos_a_deep_network_keeps_unit_variance_with_the_clip_and_explodes_without(
+    activation: str,
+) -> None:
+    clipped = _deep_network_mean_squares(activation, None, init=True)
+    assert clipped[0] > 15  # sigma_w^2 (about 7) x 3: far from the fixed point at the first layer...
+    assert clipped[-1] == pytest.approx(1.0, abs=0.1)  # ...and back at q* = 1 after 30
+    assert _deep_network_mean_squares(activation, math.inf, init=True)[-1] > 1e6  # the paper's instability
+    # PyTorch's default init: the signal vanishes, down to its biases' variance (1 / 3000)
+    assert _deep_network_mean_squares(activation, None, init=False)[-1] < 1e-3

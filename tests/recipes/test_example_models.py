@@ -83,6 +83,26 @@ def test_cifar_resnet_option_a_shortcut_subsamples_and_zero_pads() -> None:
     assert not out[:, 24:].any()
 
 
+def test_cifar_resnet_relus_are_modules_and_older_pickles_still_run() -> None:
+    """The ReLUs are ``nn.ReLU`` modules (ActivationSparsityCallback replaces modules); a network pickled by 0.1/0.2.0,
+    whose ``forward`` called ``F.relu`` and which has no such modules, gains them when it is unpickled."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = cifar_resnet(8, in_channels=1).eval()
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 7  # stem + 2 per block, 3 blocks
+    x = torch.randn(2, 1, 16, 16)
+    expected = model(x)
+    old = pickle.loads(pickle.dumps(model))
+    for module in old.modules():  # what an older version pickled: no ReLU modules
+        for name in [n for n, child in module._modules.items() if isinstance(child, nn.ReLU)]:
+            del module._modules[name]
+    assert not any(isinstance(m, nn.ReLU) for m in old.modules())
+    restored = pickle.loads(pickle.dumps(old))
+    assert sum(isinstance(m, nn.ReLU) for m in restored.modules()) == 7
+    assert torch.equal(restored(x), expected)
+
+
 def test_cifar_resnet_stages_and_init() -> None:
     model = cifar_resnet(20, num_classes=7, in_channels=1)
     assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels] == [16, 32]

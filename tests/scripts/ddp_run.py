@@ -2,7 +2,9 @@
 
 With ``ddp``, Lightning launches the second process by running this script again, and each rank saves its masks and
 threshold. With ``ddp_spawn``, the workers are spawned and the main process gets the trained weights back through a
-non-strict ``load_state_dict``; the main process saves what it got.
+non-strict ``load_state_dict``; the main process saves what it got. With ``ddp_activations``, an MLP with ``nn.ReLU``
+modules trains under DDP with ``ActivationSparsityCallback`` and ``ST3PruningCallback`` together, and each rank saves
+its state dict, logged sparsities and measured input densities.
 """
 
 import sys
@@ -10,12 +12,35 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import TinyNet, quiet_trainer, random_loader
+from helpers import ImageClassifier, TinyNet, quiet_trainer, random_loader
+from torch import nn
 
-from lightning_stthree import ST3PruningCallback
+from lightning_stthree import ActivationSparsityCallback, ST3PruningCallback
+
+
+def activations(out_dir: Path) -> None:
+    pl.seed_everything(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = ImageClassifier(mlp, lr=0.05)
+    model.example_input_array = torch.zeros(2, 3, 8, 8)  # for the MACs
+    sparse = ActivationSparsityCallback(0.8, "cst")
+    trainer = quiet_trainer(max_steps=6, devices=2, strategy="ddp", callbacks=[sparse, ST3PruningCallback(0.9)])
+    trainer.fit(model, random_loader(12))
+    torch.save(
+        {
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "sparsity": float(trainer.callback_metrics["act/sparsity"]),
+            "input_density": dict(sparse.input_density),
+            "macs_sparse": float(trainer.callback_metrics["st3/macs_sparse"]),
+        },
+        out_dir / f"rank{trainer.global_rank}.pt",
+    )
 
 
 def main(strategy: str, out_dir: Path) -> None:
+    if strategy == "ddp_activations":
+        activations(out_dir)
+        return
     pl.seed_everything(0)
     model = TinyNet()
     initial_fc = model.fc.weight.detach().clone()

@@ -94,6 +94,14 @@ def _kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _add_relu_modules(module: nn.Module, *names: str) -> None:
+    """Give a network pickled while its ``forward`` called ``F.relu`` (0.1 and 0.2.0) the ``nn.ReLU`` modules its
+    ``forward`` now calls (modules, so that ``ActivationSparsityCallback`` can replace them)."""
+    for name in names:
+        if name not in module._modules:
+            module._modules[name] = nn.ReLU()
+
+
 class _ShortcutA(nn.Module):
     """Option-A shortcut of He et al. 2016: identity, subsampled by ``stride`` and zero-padded to more channels.
 
@@ -123,12 +131,17 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         reshapes = stride != 1 or in_channels != out_channels
         self.shortcut = _ShortcutA(in_channels, out_channels, stride) if reshapes else nn.Identity()
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _add_relu_modules(self, "relu1", "relu2")
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class CIFARResNet(nn.Module):
@@ -151,11 +164,16 @@ class CIFARResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        self.relu = nn.ReLU()
         _kaiming_init(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _add_relu_modules(self, "relu")
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.pool(x).flatten(1))
 
